@@ -1,0 +1,74 @@
+"""The typer application object and the helpers every command module shares."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mcad_cache.errors import McadError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="mcad-cache",
+    help="Run MCAD teachers once into a Zarr v3 cache; distill and evaluate small dual-encoder students from it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Import captioned images into WebDataset shards and verify shards.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Route library logging through rich on stderr (the library itself never configures handlers)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+def progress(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
+    """Rich progress bar over an iterable; pipelines call it as ``progress(it, description, total)``."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[postfix]}"),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total, postfix="")
+        for item in iterable:
+            yield item
+            postfix = getattr(iterable, "postfix", "")
+            bar.update(task, advance=1, postfix=postfix)
+
+
+def call_pipeline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call one pipeline function; an McadError becomes a one-line message on stderr and exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except McadError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from err

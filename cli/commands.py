@@ -1,0 +1,15 @@
+"""Imports every command module so its @app.command functions register."""
+
+from __future__ import annotations
+
+import importlib
+
+# Each module registers its commands on mcad_cache.cli.app.app when imported.
+COMMAND_MODULES = ("data", "build", "inspect", "distill", "evaluate", "demo")
+
+for _name in COMMAND_MODULES:
+    try:
+        importlib.import_module(f"mcad_cache.cli.{_name}")
+    except ModuleNotFoundError as _err:  # a command module not written yet in this checkout
+        if _err.name != f"mcad_cache.cli.{_name}":
+            raise

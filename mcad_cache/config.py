@@ -1,0 +1,141 @@
+"""Frozen run configurations and their loader.
+
+Precedence (STYLE.md): dataclass defaults, then a ``--config run.json`` file, then explicit CLI flags. Flags map 1:1
+to field names. The resolved config is written to ``config.json`` in each run directory (and into a cache's
+attributes for a build).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mcad_cache.constants import DEFAULT_K
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    source: str = "openclipart"  # importer: openclipart | karpathy | folder
+    out: str = ".work/shards"  # output folder for shards, index.json and the import report
+    root: str = ""  # openclipart: extracted Debian packages folder; karpathy: image root; folder: image folder
+    annotations: str = ""  # karpathy: dataset_*.json; folder: captions .jsonl or .csv
+    samples_per_shard: int = 1000  # samples per output tar
+    max_samples: int = 0  # 0 = all; otherwise the first N (deterministic order) for small runs
+    image_size_px: int = 0  # 0 = keep; otherwise re-encode so the longer side is at most this many pixels
+    seed: int = 0  # deterministic split seed (openclipart)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    teacher: str = "clip"  # teacher registry name: clip | albef | blip
+    data: tuple[str, ...] = ()  # WebDataset shards (paths, globs or brace patterns)
+    out: str = ".work/cache"  # Zarr v3 store to write (resumed if it exists with the same fingerprint)
+    model: str = ""  # teacher model: open_clip name or JSON config, ALBEF config JSON, BLIP hub name or path
+    pretrained: str = ""  # weights: open_clip tag or file, ALBEF .pth, BLIP folder; "" = random init (tests)
+    k: int = DEFAULT_K  # top-k candidates per query stored in both directions (students may use k' <= k)
+    force_positives: bool = False  # put every ground-truth positive into its query's candidate list
+    candidate_source: str = ""  # another cache whose ITC similarities choose the candidates ("" = own ITC)
+    batch_size: int = 64  # teacher batch size (images or captions)
+    workers: int = 2  # DataLoader worker processes that decode images
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    fused_dtype: str = "fp16"  # storage of fused [CLS] features: fp16 | int8 (per-vector scale) | none
+    emb_dtype: str = "fp16"  # storage of unimodal embeddings: fp16 | fp32
+    topk_backend: str = "torch"  # torch (chunked matmul) | faiss (exact inner-product index)
+    chunk_size: int = 4096  # query rows per similarity chunk in the global top-k
+    rows_per_chunk: int = 1024  # rows per Zarr chunk / commit unit
+    strict: bool = False  # stop at the first bad sample instead of skipping and counting it
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    cache: tuple[str, ...] = ()  # teacher caches (one dual-stream, optionally one single-stream)
+    data: tuple[str, ...] = ()  # training shards (the same data the caches were built on)
+    out: str = ".work/runs/student"  # run directory
+    student: str = "mobilevitv2_tinybert"  # student config name (student/configs/*.json) or a JSON path
+    preset: str = "mcad"  # mcad | contrastive | clip-kd | clip-kd-feat | single-topk
+    k: int = DEFAULT_K  # k' <= cached k candidates used by the top-k distillation
+    batch_size: int = 32  # image-caption pairs per step
+    steps: int = 0  # optimiser steps; 0 = epochs * steps per epoch
+    epochs: int = 1  # passes over the data when steps = 0
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 50  # linear warmup steps before the cosine decay
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    workers: int = 2  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0  # seeds model init, shuffling, caption choice
+    shuffle_buffer: int = 1000  # WebDataset sample shuffle buffer (0 = off)
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
+    log_every: int = 10  # steps between metric lines in metrics.jsonl
+    resume: bool = True  # resume from the run directory's last checkpoint when present
+    loss: dict[str, Any] = field(default_factory=dict)  # loss weights and temperatures (docs/losses.md)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = ""  # a run directory (student) or a cache / teacher spec
+    data: tuple[str, ...] = ()  # test shards
+    out: str = ""  # results JSON path ("" = <run dir>/eval.json)
+    batch_size: int = 64  # encoding batch size
+    workers: int = 2  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    k_test: int = 16  # single-stream teachers: ITC top-k re-ranked by ITM (clamped to the gallery size)
+    itm_score: str = "itm+itc"  # single-stream rank score: itm | itm+itc
+    chunk_size: int = 1024  # query rows per similarity chunk
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin is tuple and isinstance(value, str):
+        return (value,)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
+    """Resolve a config: dataclass defaults, then the JSON file at ``path``, then ``overrides`` (``None`` = unset).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file or overrides name a field the dataclass does not have, or a value of the wrong type.
+    """
+    values: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        try:
+            values.update(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config {path}: not valid JSON: {err}") from err
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    resolved = {k: _coerce(hints[k], v) for k, v in values.items()}
+    for key, value in resolved.items():
+        default = getattr(cls, key, None) if not isinstance(getattr(cls, key, None), dataclasses.Field) else None
+        if default is not None and not isinstance(value, type(default)) and not (
+            isinstance(default, float) and isinstance(value, int)
+        ):
+            raise ValueError(f"{cls.__name__}.{key}: expected {type(default).__name__}, got {value!r}")
+    return cls(**resolved)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

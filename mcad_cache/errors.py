@@ -1,0 +1,54 @@
+"""Error classes. Each domain error also inherits the builtin a caller would naturally catch (zarr's errors.py)."""
+
+from __future__ import annotations
+
+
+class McadError(Exception):
+    """Root of every error mcad-cache raises on purpose. The CLI turns these into a one-line message, exit 1."""
+
+
+class UnknownModelError(McadError, ValueError):
+    """A teacher or student name that no registry knows; the message lists the known names."""
+
+
+class CacheNotFoundError(McadError, FileNotFoundError):
+    """No cache (Zarr group with an mcad-cache manifest) at the given path."""
+
+
+class CacheSchemaError(McadError, ValueError):
+    """A cache whose schema version, arrays, shapes or dtypes are not what this code reads, or a request (k, direction)
+    the cache cannot serve."""
+
+
+class CacheIncompleteError(McadError, RuntimeError):
+    """A cache whose manifest is not marked complete (a build was interrupted: rerun it to resume)."""
+
+
+class CacheMismatchError(McadError, ValueError):
+    """A cache built with another teacher, preprocessing, tokenizer or data than the run uses; the message is a diff."""
+
+
+class PreprocessMismatchError(McadError, ValueError):
+    """A model's preprocessing disagrees with the one a run or cache expects."""
+
+
+class DataError(McadError, ValueError):
+    """A bad sample or shard. Names the shard, the sample key and the reason (one of data.SKIP_REASONS)."""
+
+    def __init__(self, reason: str, *, shard: str | None = None, key: str | None = None, detail: str = "") -> None:
+        self.reason = reason
+        self.shard = shard
+        self.key = key
+        self.detail = detail
+        where = f"shard {shard!r}" if shard else "unknown shard"
+        if key is not None:
+            where += f", key {key!r}"
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class CheckpointError(McadError, ValueError):
+    """A checkpoint whose keys or shapes do not fit the architecture it is loaded into."""
+
+
+class NonFiniteError(McadError, FloatingPointError):
+    """A NaN or inf in a value that must be finite (a loss, a cached score); names where it happened."""
