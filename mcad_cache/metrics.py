@@ -1,0 +1,233 @@
+"""Image-text retrieval metrics: ranks, Recall@K and RSUM for any number of captions per image.
+
+Protocol (the COCO / Flickr30k Karpathy protocol of ALBEF's ``evaluation()`` and open_clip's
+``get_clip_metrics``, generalised to uneven captions per image):
+
+- **i2t** (an image query retrieves texts): the query's rank is the best (lowest) rank among *all* of that image's
+  captions, i.e. the number of *non-matching* captions scored at least as high as the image's best-scored caption.
+- **t2i** (a caption query retrieves images): the rank of the caption's one image among all images.
+- ``R@K`` = percentage of queries whose 0-based rank is ``< K``; ``rsum`` = the sum of the six recalls (0..600).
+
+**Tie policy: pessimistic (ties count against).** A non-matching item whose score *equals* the best matching score
+is ranked above it. A constant score matrix therefore gives the worst possible rank, not the best, so a degenerate
+model can never look good. Other captions of the *same* image never count against an i2t query. NaN scores are
+rejected. ``-inf`` is a valid score (e.g. candidates outside an ITM re-ranked top-k); it ties with other ``-inf``
+scores, which then count against the query.
+
+Chunked forms never hold more than ``chunk_size x N`` scores (plus a same-sized boolean mask) at once, so a 5k x 25k
+gallery fits in bounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+_logger = logging.getLogger(__name__)
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10)
+METRIC_KEYS: tuple[str, ...] = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in RECALL_KS) + ("rsum",)
+
+
+def _check_scores(scores: Tensor, name: str) -> Tensor:
+    if scores.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D score matrix, got shape {tuple(scores.shape)}")
+    scores = scores.float()
+    if torch.isnan(scores).any():
+        raise ValueError(f"{name}: NaN scores (ranks are undefined)")
+    return scores
+
+
+def _check_txt2img(txt2img: Tensor | Sequence[int], num_images: int, num_texts: int) -> Tensor:
+    txt2img = torch.as_tensor(txt2img).long()
+    if txt2img.ndim != 1 or txt2img.numel() != num_texts:
+        raise ValueError(f"txt2img: expected shape [{num_texts}], got {tuple(txt2img.shape)}")
+    if num_texts and (int(txt2img.min()) < 0 or int(txt2img.max()) >= num_images):
+        raise ValueError(
+            f"txt2img: image ids must lie in [0, {num_images}), got [{int(txt2img.min())}, {int(txt2img.max())}]"
+        )
+    counts = torch.bincount(txt2img, minlength=num_images)
+    if num_images and int(counts.min()) == 0:
+        missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
+        raise ValueError(f"txt2img: every image needs at least one caption; images without any: {missing} ...")
+    return txt2img
+
+
+def i2t_ranks_chunk(scores_i2t: Tensor, image_ids: Tensor, txt2img: Tensor) -> Tensor:
+    """0-based i2t ranks for a chunk of image queries (pessimistic ties; other own captions never count).
+
+    Args:
+        scores_i2t: [C, N_t] float scores of C image queries against all N_t texts (any scale; higher = better).
+        image_ids: [C] int64, the image index of each query row (its captions are ``txt2img == image_ids[c]``).
+        txt2img: [N_t] int64, the image index of each text.
+    Returns:
+        [C] int64 ranks: number of non-matching texts scored ``>=`` the query's best matching text.
+    Raises:
+        ValueError: a query has no matching text, or the shapes disagree.
+    """
+    if scores_i2t.shape != (image_ids.numel(), txt2img.numel()):
+        raise ValueError(f"scores_i2t shape {tuple(scores_i2t.shape)} != ({image_ids.numel()}, {txt2img.numel()})")
+    positive = txt2img.to(scores_i2t.device)[None, :] == image_ids.to(scores_i2t.device)[:, None]  # [C, N_t]
+    if not bool(positive.any(dim=1).all()):
+        raise ValueError("i2t_ranks_chunk: an image query has no caption")
+    best = scores_i2t.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # [C, 1]
+    return ((scores_i2t >= best) & ~positive).sum(dim=1).cpu()
+
+
+def t2i_ranks_chunk(scores_t2i: Tensor, target_image: Tensor) -> Tensor:
+    """0-based t2i ranks for a chunk of caption queries (pessimistic ties).
+
+    Args:
+        scores_t2i: [C, N_i] float scores of C caption queries against all N_i images.
+        target_image: [C] int64, the index of each caption's image.
+    Returns:
+        [C] int64 ranks: number of other images scored ``>=`` the caption's image.
+    """
+    if scores_t2i.ndim != 2 or scores_t2i.shape[0] != target_image.numel():
+        raise ValueError(f"scores_t2i shape {tuple(scores_t2i.shape)} does not fit {target_image.numel()} queries")
+    target_image = target_image.to(scores_t2i.device).long()
+    target = scores_t2i.gather(1, target_image[:, None])  # [C, 1]
+    at_least = (scores_t2i >= target).sum(dim=1)  # includes the target itself
+    return (at_least - 1).cpu()
+
+
+def recall_from_ranks(ranks_i2t: Tensor, ranks_t2i: Tensor, *, ks: Iterable[int] = RECALL_KS) -> dict[str, float]:
+    """``{"i2t_R@K", "t2i_R@K", "rsum"}`` in percent from 0-based ranks.
+
+    Args:
+        ranks_i2t: [N_i] int ranks of the image queries.
+        ranks_t2i: [N_t] int ranks of the caption queries.
+        ks: the K of R@K; ``rsum`` sums every recall returned.
+    Returns:
+        Dict of floats in [0, 100] (``rsum`` in [0, 100 * 2 * len(ks)]).
+    """
+    out: dict[str, float] = {}
+    for direction, ranks in (("i2t", ranks_i2t), ("t2i", ranks_t2i)):
+        ranks = torch.as_tensor(ranks)
+        for k in ks:
+            out[f"{direction}_R@{k}"] = 100.0 * float((ranks < k).double().mean()) if ranks.numel() else 0.0
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def retrieval_ranks(
+    sims_i2t: Tensor, txt2img: Tensor | Sequence[int], *, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """i2t and t2i ranks from a full score matrix, processed in row chunks.
+
+    Args:
+        sims_i2t: [N_i, N_t] scores, image rows x text columns (cosine, logits or ITM scores; higher = better).
+        txt2img: [N_t] int, the image index of each text.
+        chunk_size: query rows per chunk.
+    Returns:
+        (ranks_i2t [N_i] int64, ranks_t2i [N_t] int64), 0-based.
+    Raises:
+        ValueError: NaN scores, an image without captions, or shapes that disagree.
+    """
+    sims_i2t = _check_scores(sims_i2t, "sims_i2t")
+    num_images, num_texts = sims_i2t.shape
+    txt2img = _check_txt2img(txt2img, num_images, num_texts)
+    ranks_i2t = [
+        i2t_ranks_chunk(sims_i2t[s : s + chunk_size], torch.arange(s, min(s + chunk_size, num_images)), txt2img)
+        for s in range(0, num_images, chunk_size)
+    ]
+    ranks_t2i = [
+        t2i_ranks_chunk(sims_i2t[:, s : s + chunk_size].T, txt2img[s : s + chunk_size])
+        for s in range(0, num_texts, chunk_size)
+    ]
+    return _cat(ranks_i2t), _cat(ranks_t2i)
+
+
+def retrieval_metrics(
+    sims_i2t: Tensor, txt2img: Tensor | Sequence[int], *, ks: Iterable[int] = RECALL_KS, chunk_size: int = 1024
+) -> dict[str, float]:
+    """R@K and RSUM from a full [N_i, N_t] score matrix (see the module docstring for the protocol and ties).
+
+    Args:
+        sims_i2t: [N_i, N_t] scores, image rows x text columns; any float dtype (compared in float32).
+        txt2img: [N_t] int, the image index of each text; every image needs at least one text.
+        ks: the K of R@K.
+        chunk_size: query rows per chunk.
+    Returns:
+        ``{"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}`` in percent.
+    Raises:
+        ValueError: NaN scores, an image without captions, or shapes that disagree.
+    """
+    return recall_from_ranks(*retrieval_ranks(sims_i2t, txt2img, chunk_size=chunk_size), ks=ks)
+
+
+@torch.no_grad()
+def retrieval_ranks_from_embeddings(
+    image_emb: Tensor, text_emb: Tensor, txt2img: Tensor | Sequence[int], *, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """i2t / t2i ranks from embeddings by chunked similarity (at most ``chunk_size x N`` scores at once).
+
+    Args:
+        image_emb: [N_i, D] float image embeddings (L2-normalised for cosine similarity; not normalised here).
+        text_emb: [N_t, D] float text embeddings, same space.
+        txt2img: [N_t] int, the image index of each text.
+        chunk_size: query rows per chunk.
+    Returns:
+        (ranks_i2t [N_i] int64, ranks_t2i [N_t] int64), 0-based, pessimistic ties.
+    Raises:
+        ValueError: dims disagree, NaN scores, an image without captions.
+    """
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"embedding shapes {tuple(image_emb.shape)} and {tuple(text_emb.shape)} do not match")
+    image_emb, text_emb = image_emb.float(), text_emb.to(image_emb.device).float()
+    num_images, num_texts = image_emb.shape[0], text_emb.shape[0]
+    txt2img = _check_txt2img(txt2img, num_images, num_texts)
+    ranks_i2t, ranks_t2i = [], []
+    for s in range(0, num_images, chunk_size):
+        scores = _check_scores(image_emb[s : s + chunk_size] @ text_emb.T, "sims_i2t")
+        ranks_i2t.append(i2t_ranks_chunk(scores, torch.arange(s, min(s + chunk_size, num_images)), txt2img))
+    for s in range(0, num_texts, chunk_size):
+        scores = _check_scores(text_emb[s : s + chunk_size] @ image_emb.T, "sims_t2i")
+        ranks_t2i.append(t2i_ranks_chunk(scores, txt2img[s : s + chunk_size]))
+    return _cat(ranks_i2t), _cat(ranks_t2i)
+
+
+def retrieval_metrics_from_embeddings(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    txt2img: Tensor | Sequence[int],
+    *,
+    ks: Iterable[int] = RECALL_KS,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """R@K and RSUM by chunked cosine similarity; equals ``retrieval_metrics(image_emb @ text_emb.T)``.
+
+    Args:
+        image_emb: [N_i, D] float, L2-normalised.
+        text_emb: [N_t, D] float, L2-normalised.
+        txt2img: [N_t] int, the image index of each text.
+        ks: the K of R@K.
+        chunk_size: query rows per chunk.
+    Returns:
+        The seven metric keys of :data:`METRIC_KEYS` (for the default ``ks``), in percent.
+    Raises:
+        ValueError: see :func:`retrieval_ranks_from_embeddings`.
+    """
+    return recall_from_ranks(
+        *retrieval_ranks_from_embeddings(image_emb, text_emb, txt2img, chunk_size=chunk_size), ks=ks
+    )
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+__all__ = [
+    "METRIC_KEYS",
+    "RECALL_KS",
+    "i2t_ranks_chunk",
+    "recall_from_ranks",
+    "retrieval_metrics",
+    "retrieval_metrics_from_embeddings",
+    "retrieval_ranks",
+    "retrieval_ranks_from_embeddings",
+    "t2i_ranks_chunk",
+]
