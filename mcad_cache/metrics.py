@@ -216,6 +216,69 @@ def retrieval_metrics_from_embeddings(
     )
 
 
+def topk_ranks_i2t(topk_idx_i2t: Tensor, topk_scores_i2t: Tensor, txt2img: Tensor | Sequence[int]) -> Tensor:
+    """i2t ranks when only K re-ranked candidates per image query carry a score (all other texts score ``-inf``).
+
+    This is the ALBEF / BLIP re-ranking protocol (salesforce/ALBEF ``Retrieval.py`` ``evaluation()``: the score
+    matrix is filled with -100, then the ITC top-k entries get ITM scores), with ``-inf`` as the fill. Equal to
+    :func:`retrieval_ranks` on that dense matrix, computed without building it.
+
+    Args:
+        topk_idx_i2t: [N_i, K] int text indices (unique per row; -1 = no candidate).
+        topk_scores_i2t: [N_i, K] float scores of those candidates (any scale; higher = better).
+        txt2img: [N_t] int, the image index of each text.
+    Returns:
+        [N_i] int64 ranks, 0-based, pessimistic ties. A query none of whose captions is a candidate gets the
+        dense rank: its number of non-matching texts (all tie at ``-inf``).
+    Raises:
+        ValueError: NaN scores or shapes that disagree.
+    """
+    txt2img = torch.as_tensor(txt2img).long()
+    idx, scores = torch.as_tensor(topk_idx_i2t).long(), _check_scores(torch.as_tensor(topk_scores_i2t), "scores")
+    if idx.shape != scores.shape:
+        raise ValueError(f"topk idx {tuple(idx.shape)} and scores {tuple(scores.shape)} differ in shape")
+    num_images = idx.shape[0]
+    valid = idx >= 0
+    scores = scores.masked_fill(~valid, float("-inf"))
+    positive = valid & (txt2img[idx.clamp(min=0)] == torch.arange(num_images)[:, None])  # [N_i, K]
+    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+    ranks = ((scores >= best) & valid & ~positive).sum(dim=1)
+    num_negatives = txt2img.numel() - torch.bincount(txt2img, minlength=num_images)[:num_images]
+    # No candidate caption, or the best one at -inf: every non-matching text ties or beats it (dense semantics).
+    fallback = ~positive.any(dim=1) | torch.isneginf(best[:, 0])
+    return torch.where(fallback, num_negatives, ranks)
+
+
+def topk_ranks_t2i(
+    topk_idx_t2i: Tensor, topk_scores_t2i: Tensor, txt2img: Tensor | Sequence[int], *, num_images: int
+) -> Tensor:
+    """t2i ranks when only K re-ranked candidate images per caption query carry a score (others ``-inf``).
+
+    Args:
+        topk_idx_t2i: [N_t, K] int image indices (unique per row; -1 = no candidate).
+        topk_scores_t2i: [N_t, K] float scores of those candidates.
+        txt2img: [N_t] int, the image index of each text.
+        num_images: N_i, the gallery size.
+    Returns:
+        [N_t] int64 ranks, 0-based, pessimistic ties; ``num_images - 1`` when the caption's image is no candidate.
+    Raises:
+        ValueError: NaN scores or shapes that disagree.
+    """
+    txt2img = torch.as_tensor(txt2img).long()
+    idx, scores = torch.as_tensor(topk_idx_t2i).long(), _check_scores(torch.as_tensor(topk_scores_t2i), "scores")
+    if idx.shape != scores.shape or idx.shape[0] != txt2img.numel():
+        raise ValueError(
+            f"topk idx {tuple(idx.shape)} / scores {tuple(scores.shape)} do not fit {txt2img.numel()} texts"
+        )
+    valid = idx >= 0
+    scores = scores.masked_fill(~valid, float("-inf"))
+    target = valid & (idx == txt2img[:, None])
+    target_score = scores.masked_fill(~target, float("-inf")).amax(dim=1, keepdim=True)
+    ranks = ((scores >= target_score) & valid & ~target).sum(dim=1)
+    fallback = ~target.any(dim=1) | torch.isneginf(target_score[:, 0])
+    return torch.where(fallback, torch.full_like(ranks, num_images - 1), ranks)
+
+
 def _cat(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
@@ -230,4 +293,6 @@ __all__ = [
     "retrieval_ranks",
     "retrieval_ranks_from_embeddings",
     "t2i_ranks_chunk",
+    "topk_ranks_i2t",
+    "topk_ranks_t2i",
 ]

@@ -12,6 +12,8 @@ from mcad_cache.metrics import (
     retrieval_metrics_from_embeddings,
     retrieval_ranks,
     retrieval_ranks_from_embeddings,
+    topk_ranks_i2t,
+    topk_ranks_t2i,
 )
 
 
@@ -149,3 +151,33 @@ def test_errors():
         retrieval_metrics(torch.zeros(2, 2), [0, 1, 1])
     with pytest.raises(ValueError, match="do not match"):
         retrieval_metrics_from_embeddings(torch.zeros(2, 3), torch.zeros(2, 4), [0, 1])
+
+
+def _dense_from_topk(idx, scores, num_cols):
+    dense = torch.full((idx.shape[0], num_cols), float("-inf"))
+    for r in range(idx.shape[0]):
+        for c in range(idx.shape[1]):
+            if idx[r, c] >= 0:
+                dense[r, idx[r, c]] = scores[r, c]
+    return dense
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 9])
+def test_topk_ranks_equal_dense_minus_inf_fill(k):
+    gen = torch.Generator().manual_seed(k)
+    num_images = 9
+    caps = torch.randint(1, 4, (num_images,), generator=gen)
+    txt2img = torch.repeat_interleave(torch.arange(num_images), caps)
+    num_texts = len(txt2img)
+    k_i2t, k_t2i = min(k, num_texts), min(k, num_images)
+    idx_i2t = torch.stack([torch.randperm(num_texts, generator=gen)[:k_i2t] for _ in range(num_images)])
+    idx_t2i = torch.stack([torch.randperm(num_images, generator=gen)[:k_t2i] for _ in range(num_texts)])
+    sc_i2t = torch.randint(0, 3, idx_i2t.shape, generator=gen).float()
+    sc_t2i = torch.randint(0, 3, idx_t2i.shape, generator=gen).float()
+    idx_i2t[0, -1] = -1  # a missing candidate
+    dense_i2t = _dense_from_topk(idx_i2t, sc_i2t, num_texts)
+    dense_t2i = _dense_from_topk(idx_t2i, sc_t2i, num_images)
+    ref_i2t = slow_ranks(dense_i2t.tolist(), txt2img.tolist())[0]
+    ref_t2i = slow_ranks(dense_t2i.T.tolist(), txt2img.tolist())[1]
+    assert topk_ranks_i2t(idx_i2t, sc_i2t, txt2img).tolist() == ref_i2t
+    assert topk_ranks_t2i(idx_t2i, sc_t2i, txt2img, num_images=num_images).tolist() == ref_t2i
