@@ -1,0 +1,72 @@
+"""Shared pytest fixtures. Each owner adds fixtures only; keep them tiny (CPU, seconds)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teachers (owner: teachers engineer). Tiny, offline, deterministic.
+# ---------------------------------------------------------------------------------------------------------------
+
+_TINY_WORDS = (
+    "a an the of on in at with and is are two dog dogs cat cats man woman person people photo picture image red blue "
+    "green black white car bus tree trees street table sitting standing running riding playing grass water beach"
+).split()
+
+
+def _write_tiny_bert_tokenizer(folder: Path) -> Path:
+    """A BERT-uncased-style WordPiece tokenizer with a ~150-token vocabulary, saved with save_pretrained."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += list(string.ascii_lowercase) + list(string.digits) + list(".,!?'-")
+    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab += [w for w in _TINY_WORDS if w not in vocab]
+    raw = folder / "_raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast.from_pretrained(str(raw), do_lower_case=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_tokenizer_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny BERT-uncased WordPiece tokenizer (tokenizer.json + tokenizer_config.json)."""
+    return _write_tiny_bert_tokenizer(tmp_path_factory.mktemp("tiny_bert_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_bert_dir(tmp_path_factory) -> Path:
+    """A local Hugging Face folder: tiny random BertModel (2 layers, hidden 32) + its tokenizer, seeded."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = _write_tiny_bert_tokenizer(tmp_path_factory.mktemp("tiny_hf_bert"))
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(str(folder)))
+    cfg = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(cfg).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_teacher():
+    """open_clip tiny ViT (width 64, 32 px, patch 8) + tiny text transformer, random init (seed 0), CPU."""
+    from mcad_cache.teachers import create_teacher
+
+    return create_teacher("clip", model="tiny", device="cpu")
