@@ -125,8 +125,9 @@ def encode_retrieval_set(
 
     Args:
         model: teacher or student, already on its device and in eval mode.
-        batches: collated batches ``{"key": list[str], "image": [B, 3, H, W] float32 (the model's own
-            preprocessing), "captions": list[list[str]], "skip"?: list[str | None]}``.
+        batches: ``data.collate_samples`` batches ``{"key": list[str], "image": [B, 3, H, W] float32 (the model's
+            own preprocessing), "captions": list[list[str]], "skipped": list[dict]}`` (a per-item ``"skip"`` list
+            is honoured too).
         text_batch_size: captions per text-encoder call.
         precision: see :func:`autocast_context`; embeddings are returned as float32 either way.
     Returns:
@@ -143,6 +144,15 @@ def encode_retrieval_set(
     txt2img: list[int] = []
     with autocast_context(device, precision):
         for batch in batches:
+            for item in batch.get("skipped") or []:  # collate_samples puts unusable samples here
+                raise DataError(
+                    item["skip"],
+                    shard=item.get("shard"),
+                    key=item.get("key"),
+                    detail=(item.get("detail") or "") + " (evaluation never skips a sample)",
+                )
+            if not batch["key"]:
+                continue
             for j, key in enumerate(batch["key"]):
                 skip = batch.get("skip", [None] * len(batch["key"]))[j]
                 if skip:

@@ -134,6 +134,9 @@ def test_skipped_or_duplicate_sample_is_an_error():
     bad = dict(batches[0], skip=[None, "decode_error", None, None])
     with pytest.raises(DataError, match="s001"):
         encode_retrieval_set(teacher, [bad])
+    bad = dict(batches[0], skipped=[{"key": "s777", "shard": "x.tar", "skip": "decode_error", "detail": ""}])
+    with pytest.raises(DataError, match="s777"):
+        encode_retrieval_set(teacher, [bad])
     with pytest.raises(DataError, match="duplicate_key"):
         encode_retrieval_set(teacher, [batches[0], batches[0]])
 
