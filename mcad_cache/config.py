@@ -28,7 +28,7 @@ class ImportConfig:
     annotations: str = ""  # karpathy: dataset_*.json; folder: captions .jsonl or .csv
     samples_per_shard: int = 1000  # samples per output tar
     max_samples: int = 0  # 0 = all; otherwise the first N (deterministic order) for small runs
-    image_size_px: int = 0  # 0 = keep; otherwise re-encode so the longer side is at most this many pixels
+    image_size_px: int = 256  # re-encode so the longer side is at most this many pixels (0 = keep original bytes)
     seed: int = 0  # deterministic split seed (openclipart)
 
 

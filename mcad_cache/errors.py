@@ -46,6 +46,10 @@ class DataError(McadError, ValueError):
         super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+class DataSourceError(McadError, RuntimeError):
+    """A dataset source that cannot be fetched or read (a failed apt-get download, a missing annotation file)."""
+
+
 class CheckpointError(McadError, ValueError):
     """A checkpoint whose keys or shapes do not fit the architecture it is loaded into."""
 
