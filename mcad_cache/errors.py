@@ -20,6 +20,13 @@ class CacheSchemaError(McadError, ValueError):
     the cache cannot serve."""
 
 
+class CacheKeyError(McadError, KeyError):
+    """Sample keys a cache does not hold; the message names them (the first few) and how many are missing."""
+
+    def __str__(self) -> str:  # KeyError would show the message repr()-quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class CacheIncompleteError(McadError, RuntimeError):
     """A cache whose manifest is not marked complete (a build was interrupted: rerun it to resume)."""
 
