@@ -52,6 +52,7 @@ class BuildConfig:
     chunk_size: int = 4096  # query rows per similarity chunk in the global top-k
     rows_per_chunk: int = 1024  # rows per Zarr chunk / commit unit
     strict: bool = False  # stop at the first bad sample instead of skipping and counting it
+    overwrite: bool = False  # replace a cache at `out` built with another fingerprint (default: refuse with a diff)
 
 
 @dataclass(frozen=True)
