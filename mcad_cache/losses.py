@@ -66,7 +66,7 @@ class LossConfig:
     feat_source: str = "emb"  # student side: emb (projected embedding, as CLIP-KD's FD) | feat (pre-projection)
     # ---- modified-features integration module (ours: the paper's module is not public) ----
     gate_init: float = 0.01  # initial gate g = max_gate * tanh(a); near 0 so the start is plain CLIP (Flamingo-like)
-    max_gate: float = 1.0  # |g| <= max_gate: the fused term can rotate a CLIP feature by at most 45 degrees at 1.0
+    max_gate: float = 0.5  # |g| <= max_gate < 1: a CLIP feature turns by at most arcsin(max_gate) = 30 deg (ours)
     aggregate: str = "itm_softmax"  # pool a query's K fused features: itm_softmax (teacher's own ITM belief) | mean
     w_int_itc: float = 1.0  # integration objective: ITC of modified features on ground truth (ours)
     w_int_itm: float = 1.0  # integration objective: KL(p_ITM || p_modified) over top-k, both directions (ours)
@@ -91,6 +91,10 @@ class LossConfig:
                 raise ValueError(f"LossConfig.{f.name} must be >= 0, got {value}")
             if (f.name.startswith("tau_") or f.name.endswith("_temperature")) and value is not None and value <= 0:
                 raise ValueError(f"LossConfig.{f.name} must be > 0, got {value}")
+        if not 0.0 < self.max_gate < 1.0:
+            raise ValueError(
+                f"max_gate must be in (0, 1) (keeps modified features anchored to CLIP), got {self.max_gate}"
+            )
         if not 0.0 <= self.gate_init < self.max_gate:
             raise ValueError(f"gate_init must be in [0, max_gate={self.max_gate}), got {self.gate_init}")
         if (
@@ -545,10 +549,10 @@ class TargetIntegration(nn.Module):
       distribution (no labels), ``h̄ = Σ_j softmax(itm_j / τ_itm) h_j``, then the same formula.
 
     ``P_v, P_t: Linear(C, Dc)``; ``g = max_gate · tanh(a)`` with ``a`` initialised so ``g = gate_init`` (near 0:
-    training starts from plain CLIP; |g| <= max_gate keeps the result anchored to CLIP).
+    training starts from plain CLIP; |g| <= max_gate < 1 keeps the result within arcsin(max_gate) of CLIP).
     """
 
-    def __init__(self, *, clip_dim: int, fused_dim: int, gate_init: float = 0.01, max_gate: float = 1.0) -> None:
+    def __init__(self, *, clip_dim: int, fused_dim: int, gate_init: float = 0.01, max_gate: float = 0.5) -> None:
         super().__init__()
         self.max_gate = float(max_gate)
         self.proj_image = nn.Linear(fused_dim, clip_dim)
