@@ -429,3 +429,40 @@ def test_mcad_logit_scale_gradient_and_kd_at_teacher_equals_zero():
     out = MCADLoss(preset("clip-kd"), student_dim=DC)(s, teacher)
     assert out["kd_i2t_loss"].item() == pytest.approx(0.0, abs=1e-6)
     assert out["kd_t2i_loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_full_mcad_preset_gives_every_student_and_loss_parameter_a_finite_gradient():
+    from mcad_cache.student import create_student
+
+    torch.manual_seed(0)
+    model = create_student("tiny")
+    g = _gen(14)
+    b, k = 3, 2
+    images = torch.rand(b, 3, 64, 64, generator=g)
+    captions = ["a red bus", "two dogs in the snow", "a bowl of fruit"]
+    cand_captions = ["a blue bus", "a red car", "one dog", "snow", "fruit", "a bowl"]
+    cand_images = torch.rand(b * k, 3, 64, 64, generator=g)
+    out = model(images, **model.tokenize(captions))
+    cand_txt = model.encode_text(**model.tokenize(cand_captions)).view(b, k, -1)
+    cand_img = model.encode_image(cand_images).view(b, k, -1)
+    student = L.student_outputs(out, topk_text_emb=cand_txt, topk_image_emb=cand_img)
+    teacher = _teacher(g, b=b, k=k, with_invalid=False)
+    loss_fn = MCADLoss(
+        preset("mcad"),
+        student_dim=model.embed_dim,
+        student_image_feat_dim=model.image_feat_dim,
+        student_text_feat_dim=model.text_feat_dim,
+        clip_dim=DC,
+        fused_dim=C,
+    )
+    losses = loss_fn(student, teacher)
+    assert set(losses) == EXPECTED_KEYS["mcad"] | {"loss"}
+    losses["loss"].backward()
+    named = [("student." + n, p) for n, p in model.named_parameters()]
+    named += [("loss." + n, p) for n, p in loss_fn.named_parameters()]
+    missing = [n for n, p in named if p.grad is None]
+    bad = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert missing == [] and bad == []
+    # The heads and the integration module really learn: non-zero gradients.
+    assert all(p.grad.abs().sum() > 0 for _, p in loss_fn.named_parameters())
+    assert model.log_logit_scale.grad.abs() > 0
