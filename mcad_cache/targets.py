@@ -1,0 +1,362 @@
+"""Join streamed training samples with cached teacher targets, by key; fetch the cached candidates by id.
+
+This module sits above both ``data`` and ``cache`` (which never import each other) and beside ``losses``.
+
+Per batch (B usable samples of the stream, in stream order):
+
+1. **Anchor caption.** Each image gets one of its captions as its anchor, drawn with the step's generator
+   (``train.step_generator(seed, step)``); the anchor's text row in a cache is the row of key ``"<sample key>#<j>"``.
+2. **Key checks.** Every sample key is looked up in each cache (``CacheKeyError`` names missing keys); the cached
+   caption count and the anchor's cached caption string must equal the streamed ones (``CacheMismatchError`` names
+   the key), so a cache built on other data cannot be joined silently.
+3. **Candidates** come from the single-stream cache when there is one, else from the CLIP cache: K candidate text
+   rows per image query and K candidate image rows per anchor-caption query. They are fetched **by id**: caption
+   strings from the candidate cache's ``captions`` array; images by sample key through :class:`CandidateImages`
+   (a ``data.ShardIndex``), deduplicated within the batch and never re-read when the image is already an anchor.
+4. **CLIP targets** for the candidates are found by key in the CLIP cache (``text_rows`` / ``image_rows`` of the
+   candidate keys), never by row position: the two caches may order rows differently.
+
+The student side (:func:`distill_forward`) encodes anchors and candidates in one pass per tower and assembles
+``losses.StudentOutputs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mcad_cache.data.decode import DecodePolicy, decode_image
+from mcad_cache.data.index import ShardIndex
+from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
+from mcad_cache.losses import LossConfig, StudentOutputs, TeacherTargets
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillBatch:
+    """One training batch: anchors, candidate ids resolved to student inputs, and the teacher targets.
+
+    Attributes:
+        keys: B sample keys (stream order).
+        images: [B, 3, H, W] float32, the student's preprocessing.
+        texts: T >= B caption strings: the B anchors first, then each distinct candidate caption once.
+        extra_images: [U, 3, H, W] candidate images that are not anchors of this batch (U may be 0), or None.
+        topk_text_index: [B, K] int64 rows of ``texts`` for each image's candidate captions (0 where invalid), or None.
+        topk_image_index: [B, K] int64 rows of ``cat(images, extra_images)`` for each caption's candidate images.
+        targets: the teacher side, CPU float32.
+    """
+
+    keys: list[str]
+    images: Tensor
+    texts: list[str]
+    extra_images: Tensor | None
+    topk_text_index: Tensor | None
+    topk_image_index: Tensor | None
+    targets: TeacherTargets
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.keys)
+
+
+class CandidateImages:
+    """Candidate images by sample key: tar offsets from a ``ShardIndex``, the shared decode path, a transform.
+
+    Args:
+        shards: the training shards (paths, globs, brace patterns).
+        transform: the student's ``make_image_transform(preprocess_cfg)``.
+        policy: the run's decode policy (the stream's).
+    """
+
+    def __init__(
+        self, shards: str | Iterable[str], *, transform: Callable[[Any], Tensor], policy: DecodePolicy | None = None
+    ) -> None:
+        self.index = ShardIndex(shards)
+        self.transform = transform
+        self.policy = policy or DecodePolicy()
+
+    def __call__(self, keys: list[str]) -> Tensor:
+        """[len(keys), 3, H, W] float32 images of ``keys``.
+
+        Raises:
+            KeyError: a key not in the shards; SampleSkip: an image that no longer decodes.
+        """
+        return torch.stack(
+            [self.transform(decode_image(self.index.read_image_bytes(k), policy=self.policy)) for k in keys]
+        )
+
+
+def check_caches_match(clip: Any, single: Any) -> None:
+    """The two teachers' caches must hold the same image and text keys (rows may be ordered differently).
+
+    Raises:
+        CacheMismatchError: the key sets differ; names a few keys on each side.
+    """
+    for what in ("image_keys", "text_keys"):
+        a = {str(x) for x in getattr(clip, what).tolist()}
+        b = {str(x) for x in getattr(single, what).tolist()}
+        if a != b:
+            only_a, only_b = sorted(a - b)[:5], sorted(b - a)[:5]
+            raise CacheMismatchError(
+                f"the caches {clip.path} and {single.path} hold different {what}: {len(a - b)} only in the first "
+                f"(e.g. {only_a}), {len(b - a)} only in the second (e.g. {only_b}); build both on the same shards"
+            )
+
+
+def _t(x: np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+def _finite_where_valid(name: str, values: Tensor, valid: Tensor, keys: list[str]) -> Tensor:
+    """Zero the invalid slots (NaN by the cache's contract); a non-finite valid slot is an error naming the key."""
+    v = valid.reshape(valid.shape + (1,) * (values.ndim - valid.ndim))
+    bad = ~torch.isfinite(values) & v
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad.reshape(bad.shape[0], -1).any(1))[0])
+        raise NonFiniteError(f"cached {name} has a non-finite value for the valid candidate of sample {keys[row]!r}")
+    return torch.where(v, values, torch.zeros((), dtype=values.dtype))
+
+
+class TargetJoiner:
+    """Builds :class:`DistillBatch` objects from collated stream batches and the caches.
+
+    Args:
+        clip: the dual-stream (CLIP) ``CacheReader``, or None when the loss needs no teacher (``contrastive``).
+        single: the single-stream ``CacheReader``, or None.
+        loss_config: decides which targets are read (``LossConfig.required_inputs()``).
+        k: candidates per query (``<=`` each cache's k).
+        candidate_images: ``keys -> [n, 3, H, W]`` (a :class:`CandidateImages`), needed for t2i top-k terms.
+    Raises:
+        CacheSchemaError: k larger than a cache's k; a preset that needs a single-stream cache without one; a
+            cache of the wrong kind in a slot.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: Any | None,
+        single: Any | None,
+        loss_config: LossConfig,
+        k: int,
+        candidate_images: Callable[[list[str]], Tensor] | None = None,
+    ) -> None:
+        need = loss_config.required_inputs()
+        self.need_student = need["student"]
+        self.need_teacher = need["teacher"]
+        if clip is not None and clip.kind != "dual":
+            raise CacheSchemaError(f"{clip.path}: expected a dual-stream (CLIP) cache, found kind={clip.kind!r}")
+        if single is not None and single.kind != "single":
+            raise CacheSchemaError(f"{single.path}: expected a single-stream cache, found kind={single.kind!r}")
+        if self.need_teacher and clip is None:
+            raise CacheSchemaError(f"the loss needs a dual-stream (CLIP) cache for {sorted(self.need_teacher)}")
+        ss_fields = {"itm_logits_i2t", "itm_logits_t2i", "fused_cls_i2t", "fused_cls_t2i", "ss_sims_i2t", "ss_sims_t2i"}
+        if single is None and self.need_teacher & ss_fields:
+            raise CacheSchemaError(
+                f"the loss needs a single-stream (ALBEF/BLIP) cache for {sorted(self.need_teacher & ss_fields)}; "
+                "pass a second --cache built with --teacher albef or blip"
+            )
+        self.clip, self.single = clip, single
+        self.cand = single if single is not None else clip
+        self.k = int(k)
+        self.directions = [
+            d for d, cand in (("i2t", "text"), ("t2i", "image")) if f"topk_{cand}_emb" in self.need_student
+        ]
+        for reader in (r for r in (clip, single) if r is not None):
+            if self.directions and self.k > reader.k:
+                raise CacheSchemaError(
+                    f"{reader.path}: requested k={self.k}, but the cache holds k={reader.k} candidates per query; "
+                    f"use --k {reader.k} or less, or rebuild the cache with --k {self.k}"
+                )
+        if "t2i" in self.directions and candidate_images is None:
+            raise ValueError("t2i top-k distillation needs candidate_images (keys -> images)")
+        self.candidate_images = candidate_images
+        if clip is not None and single is not None:
+            check_caches_match(clip, single)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _anchors(self, keys: list[str], captions: list[list[str]], generator: torch.Generator) -> list[int]:
+        counts = torch.tensor([len(c) for c in captions], dtype=torch.float64)
+        if bool((counts == 0).any()):
+            raise CacheMismatchError(f"sample {keys[int((counts == 0).nonzero()[0])]!r} has no caption")
+        draws = torch.rand(len(keys), generator=generator, dtype=torch.float64)
+        return (draws * counts).floor().long().clamp(max=counts.long() - 1).tolist()
+
+    def _check_reader(self, reader: Any, keys: list[str], captions: list[list[str]], anchors: list[int]) -> tuple:
+        img_rows = reader.image_rows(keys)  # CacheKeyError names missing keys
+        found = reader.image_keys[img_rows]
+        for key, got in zip(keys, found.tolist(), strict=True):
+            if str(got) != key:  # the reader's own invariant; cheap to re-check on every batch
+                raise CacheMismatchError(f"{reader.path}: row of key {key!r} holds key {got!r}")
+        offsets = reader.img2txt_offsets
+        n_cached = offsets[img_rows + 1] - offsets[img_rows]
+        text_keys = [f"{k}#{j}" for k, j in zip(keys, anchors, strict=True)]
+        txt_rows = reader.text_rows(text_keys)
+        cached_caps = reader.captions[txt_rows]
+        for b, key in enumerate(keys):
+            if int(n_cached[b]) != len(captions[b]):
+                raise CacheMismatchError(
+                    f"{reader.path}: sample {key!r} has {len(captions[b])} caption(s) in the shards but "
+                    f"{int(n_cached[b])} in the cache; the cache was built on other data"
+                )
+            if str(cached_caps[b]) != captions[b][anchors[b]]:
+                raise CacheMismatchError(
+                    f"{reader.path}: caption {anchors[b]} of sample {key!r} differs between the shards "
+                    f"({captions[b][anchors[b]]!r}) and the cache ({str(cached_caps[b])!r})"
+                )
+        if not bool(reader.image_valid[img_rows].all()):
+            bad = keys[int(np.nonzero(~reader.image_valid[img_rows])[0][0])]
+            raise CacheMismatchError(f"{reader.path}: sample {bad!r} is marked invalid in the cache but decodes now")
+        return img_rows, txt_rows
+
+    # ------------------------------------------------------------------------------------------------ the join
+    def __call__(self, batch: Mapping[str, Any], *, generator: torch.Generator) -> DistillBatch:
+        """Join one collated stream batch (``data.collate_samples``) with the caches.
+
+        Args:
+            batch: ``{"key": list[str], "image": [B, 3, H, W], "captions": list[list[str]], ...}`` (B >= 1 usable).
+            generator: the step's generator (anchor caption choice).
+        Returns:
+            The :class:`DistillBatch`.
+        Raises:
+            CacheKeyError: a streamed key is not in a cache (named).
+            CacheMismatchError: caption count / text differs between shards and cache for a key (named).
+            NonFiniteError: a non-finite cached value in a valid slot (names the key).
+        """
+        keys = [str(k) for k in batch["key"]]
+        captions = [list(c) for c in batch["captions"]]
+        anchors = self._anchors(keys, captions, generator)
+        anchor_texts = [c[j] for c, j in zip(captions, anchors, strict=True)]
+        texts = list(anchor_texts)
+        t = TeacherTargets()
+        rows: dict[str, tuple] = {}
+        for name, reader in (("clip", self.clip), ("single", self.single)):
+            if reader is not None:
+                rows[name] = self._check_reader(reader, keys, captions, anchors)
+        topk_text_index = topk_image_index = None
+        extra_images = None
+        if self.clip is not None:
+            clip_img_rows, clip_txt_rows = rows["clip"]
+            t.clip_image_emb = _t(self.clip.image_emb(clip_img_rows))
+            t.clip_text_emb = _t(self.clip.text_emb(clip_txt_rows))
+            t.clip_logit_scale = float(self.clip.logit_scale)
+            for name, value in (("clip_image_emb", t.clip_image_emb), ("clip_text_emb", t.clip_text_emb)):
+                if not bool(torch.isfinite(value).all()):
+                    row = int((~torch.isfinite(value)).any(1).nonzero()[0])
+                    raise NonFiniteError(f"{self.clip.path}: cached {name} of sample {keys[row]!r} is not finite")
+        if self.single is not None:
+            t.ss_logit_scale = float(self.single.logit_scale)
+        cand_img_rows, cand_txt_rows = (
+            rows["single" if self.single is not None else "clip"] if self.directions else (None, None)
+        )
+        for d in self.directions:
+            query_rows = cand_img_rows if d == "i2t" else cand_txt_rows
+            need_fused = f"fused_cls_{d}" in self.need_teacher
+            top = self.cand.topk(d, query_rows, k=self.k, fused=need_fused)
+            valid = _t(top["valid"], torch.bool)
+            idx = top["idx"].astype(np.int64)
+            safe = np.where(top["valid"], idx, 0)
+            setattr(t, f"valid_{d}", valid)
+            setattr(t, f"is_positive_{d}", _t(top["is_positive"], torch.bool) & valid)
+            if self.single is not None:
+                if "itm_logits" in top:
+                    setattr(
+                        t, f"itm_logits_{d}", _finite_where_valid(f"{d}_itm_logits", _t(top["itm_logits"]), valid, keys)
+                    )
+                setattr(t, f"ss_sims_{d}", _finite_where_valid(f"{d}_sims", _t(top["sims"]), valid, keys))
+                if need_fused:
+                    setattr(t, f"fused_cls_{d}", _finite_where_valid(f"{d}_fused", _t(top["fused_cls"]), valid, keys))
+            if d == "i2t":
+                cand_keys = [str(x) for x in self.cand.text_keys[safe.reshape(-1)].tolist()]
+                cand_caps = [str(x) for x in self.cand.captions[safe.reshape(-1)].tolist()]
+                position: dict[str, int] = {}
+                index = []
+                for cap in cand_caps:
+                    if cap not in position:
+                        position[cap] = len(texts)
+                        texts.append(cap)
+                    index.append(position[cap])
+                topk_text_index = torch.tensor(index, dtype=torch.long).reshape(idx.shape)
+                clip_rows = self.clip.text_rows(cand_keys) if self.clip is not None else None
+                cand_clip_emb = (
+                    _t(self.clip.text_emb(clip_rows)).reshape(*idx.shape, -1) if clip_rows is not None else None
+                )
+            else:
+                cand_keys = [str(x) for x in self.cand.image_keys[safe.reshape(-1)].tolist()]
+                in_batch = {k: b for b, k in enumerate(keys)}
+                fetch = sorted(
+                    {
+                        k
+                        for k, ok in zip(cand_keys, top["valid"].reshape(-1).tolist(), strict=True)
+                        if ok and k not in in_batch
+                    }
+                )
+                where = dict(in_batch)
+                where.update({k: len(keys) + u for u, k in enumerate(fetch)})
+                if fetch:
+                    assert self.candidate_images is not None
+                    extra_images = self.candidate_images(fetch)
+                topk_image_index = torch.tensor([where.get(k, 0) for k in cand_keys], dtype=torch.long).reshape(
+                    idx.shape
+                )
+                clip_rows = self.clip.image_rows(cand_keys) if self.clip is not None else None
+                cand_clip_emb = (
+                    _t(self.clip.image_emb(clip_rows)).reshape(*idx.shape, -1) if clip_rows is not None else None
+                )
+            if cand_clip_emb is not None:
+                cand_clip_emb = _finite_where_valid(f"CLIP {d} candidate embeddings", cand_clip_emb, valid, keys)
+                query = t.clip_image_emb if d == "i2t" else t.clip_text_emb
+                cand = "text" if d == "i2t" else "image"
+                setattr(t, f"clip_topk_{cand}_emb", cand_clip_emb)
+                setattr(t, f"clip_topk_sims_{d}", torch.einsum("bd,bkd->bk", query, cand_clip_emb) * valid)
+        return DistillBatch(
+            keys=keys,
+            images=batch["image"],
+            texts=texts,
+            extra_images=extra_images,
+            topk_text_index=topk_text_index,
+            topk_image_index=topk_image_index,
+            targets=t,
+        )
+
+
+def distill_forward(model: nn.Module, loss_module: nn.Module, batch: DistillBatch) -> dict[str, Tensor]:
+    """Student forward for one :class:`DistillBatch`, then the loss module.
+
+    Images (anchors then extra candidates) go through the image tower in one call, captions (anchors then distinct
+    candidates) through the text tower in one call; candidate embeddings are gathered into ``[B, K, D]``.
+
+    Args:
+        model: the student ``DualEncoder`` (``tokenize``, ``forward_image``, ``forward_text``, ``logit_scale``).
+        loss_module: ``losses.MCADLoss``.
+        batch: from :class:`TargetJoiner`.
+    Returns:
+        The loss module's dict of weighted ``*_loss`` terms plus ``loss``.
+    """
+    device = next(model.parameters()).device
+    images = batch.images
+    if batch.extra_images is not None and batch.extra_images.shape[0] > 0:
+        images = torch.cat([images, batch.extra_images])
+    image_emb, image_feat = model.forward_image(images.to(device, non_blocking=True))
+    tokens = model.tokenize(batch.texts)
+    text_emb, text_feat = model.forward_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    b = batch.num_pairs
+    student = StudentOutputs(
+        image_emb=image_emb[:b],
+        text_emb=text_emb[:b],
+        logit_scale=model.logit_scale,
+        image_feat=image_feat[:b],
+        text_feat=text_feat[:b],
+        topk_text_emb=text_emb[batch.topk_text_index.to(device)] if batch.topk_text_index is not None else None,
+        topk_image_emb=image_emb[batch.topk_image_index.to(device)] if batch.topk_image_index is not None else None,
+    )
+    return loss_module(student, batch.targets.to(device))
+
+
+__all__ = ["CandidateImages", "DistillBatch", "TargetJoiner", "check_caches_match", "distill_forward"]

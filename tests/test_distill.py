@@ -1,0 +1,182 @@
+"""Distillation end to end on tiny shards: run dir, exact resume, cache refusals, key checks, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+
+import mcad_cache.pipelines.distill as distill
+import pytest
+import torch
+from distill_fixtures import MemoryCache, make_shards
+from fake_teacher import FakeTeacher
+
+from mcad_cache.config import DistillConfig
+from mcad_cache.errors import CacheKeyError, CacheMismatchError, CacheSchemaError, NonFiniteError
+from mcad_cache.student import DualEncoder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared CPU cores: more threads only oversubscribe them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=12, per_shard=6)
+
+
+@pytest.fixture(scope="module")
+def caches(shards):
+    # The single-stream cache stores its rows in reverse order: the join must go by key.
+    return {
+        "clip": MemoryCache(shards, FakeTeacher(kind="dual"), k=4, path="clip"),
+        "albef": MemoryCache(shards, FakeTeacher(kind="single", seed=1), k=4, permute=True, path="albef"),
+    }
+
+
+@pytest.fixture
+def use_caches(monkeypatch, caches):
+    registry = dict(caches)
+    monkeypatch.setattr(distill, "open_cache", lambda path: registry[str(path)])
+    return registry
+
+
+def cfg(tmp_path, shards, **kw):
+    base = dict(
+        cache=("clip", "albef"),
+        data=tuple(shards),
+        out=str(tmp_path / "run"),
+        student="tiny",
+        preset="mcad",
+        k=3,
+        batch_size=4,
+        steps=3,
+        warmup_steps=1,
+        workers=0,
+        shuffle_buffer=5,
+        log_every=1,
+        seed=0,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_distill_writes_run_dir(tmp_path, shards, use_caches):
+    summary = distill.run(cfg(tmp_path, shards))
+    run = tmp_path / "run"
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "loss_curves.png",
+        "summary.json",
+        "final/model.safetensors",
+        "final/student_config.json",
+        "final/loss.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    keys = {"itc_loss", "kd_i2t_loss", "kd_t2i_loss", "topk_i2t_loss", "topk_t2i_loss", "feat_loss", "integration_loss"}
+    assert keys <= set(lines[0]) and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    assert summary["steps"] == 3 and summary["samples_seen"] == 12
+    assert json.loads((run / "config.json").read_text())["loss_config"]["integration"] == "modified_features"
+    model = DualEncoder.load(run / "final")
+    assert model.embed_dim == 32
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "elapsed_s")} for r in rows]
+
+
+class StopAfter:
+    """A progress callable that interrupts the run when step ``n + 1`` is about to start."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, iterable, description="", total=None):
+        for i, item in enumerate(iterable):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield item
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, shards, use_caches):
+    # 5 steps of 4 pairs over 12 samples: epoch 0 has 3 batches, the stop after step 2 is mid-epoch, the checkpoint
+    # at step 4 in epoch 1.
+    kw = dict(steps=5, checkpoint_every=2)
+    distill.run(cfg(tmp_path / "a", shards, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg(tmp_path / "b", shards, **kw), progress=StopAfter(3))
+    assert len((tmp_path / "b/run/metrics.jsonl").read_text().splitlines()) == 3  # step 3 logged, not checkpointed
+    distill.run(cfg(tmp_path / "b", shards, **kw))
+    ref = _strip(json.loads(x) for x in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines())
+    got = _strip(json.loads(x) for x in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines())
+    assert got == ref
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a/run/final/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/run/final/model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = load_file(str(tmp_path / "a/run/final/loss.safetensors"))
+    lb = load_file(str(tmp_path / "b/run/final/loss.safetensors"))
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_resume_refuses_changed_config(tmp_path, shards, use_caches):
+    distill.run(cfg(tmp_path, shards, steps=1))
+    with pytest.raises(Exception, match="lr: run dir has 0.0001, now 0.001"):
+        distill.run(cfg(tmp_path, shards, steps=1, lr=1e-3))
+
+
+def test_k_larger_than_cache_is_refused(tmp_path, shards, use_caches):
+    with pytest.raises(CacheSchemaError, match="holds k=4"):
+        distill.run(cfg(tmp_path, shards, k=5))
+
+
+def test_single_stream_preset_without_single_cache(tmp_path, shards, use_caches):
+    with pytest.raises(CacheSchemaError, match="single-stream"):
+        distill.run(cfg(tmp_path, shards, preset="single-topk", cache=("clip",)))
+    # clip-kd needs only the CLIP cache
+    assert distill.run(cfg(tmp_path, shards, preset="clip-kd", cache=("clip",), steps=1))["steps"] == 1
+
+
+def test_incomplete_cache_is_refused(tmp_path, shards, use_caches, monkeypatch):
+    partial = MemoryCache(shards, FakeTeacher(kind="dual"), k=4, complete=False, path="partial")
+    use_caches["partial"] = partial
+    with pytest.raises(Exception, match="incomplete"):
+        distill.run(cfg(tmp_path, shards, cache=("partial",), preset="clip-kd"))
+
+
+def test_cache_on_other_data_is_refused(tmp_path, shards, use_caches):
+    other = make_shards(tmp_path / "other", num_samples=6, per_shard=6, prefix="x")
+    use_caches["other"] = MemoryCache(other, FakeTeacher(kind="dual"), k=4, path="other")
+    with pytest.raises(CacheMismatchError, match="x0000"):
+        distill.run(cfg(tmp_path, shards, cache=("other",), preset="clip-kd"))
+
+
+def test_shard_key_missing_from_cache_is_named(tmp_path, use_caches, caches):
+    # The run's data has one sample more (s0012) than the CLIP cache was built on (the first 12 are identical).
+    more = make_shards(tmp_path / "more", num_samples=13, per_shard=13)
+    with pytest.raises(CacheKeyError, match="s0012"):
+        distill.run(cfg(tmp_path, more, cache=("clip",), preset="clip-kd", steps=1, batch_size=13))
+
+
+def test_changed_caption_is_detected(tmp_path, shards, use_caches):
+    cache = MemoryCache(shards, FakeTeacher(kind="dual"), k=4, path="edited")
+    cache.captions = cache.captions.copy()
+    cache.captions[:] = [c + " edited" for c in cache.captions]
+    use_caches["edited"] = cache
+    with pytest.raises(CacheMismatchError, match="differs between the shards"):
+        distill.run(cfg(tmp_path, shards, cache=("edited",), preset="clip-kd"))
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, shards, use_caches):
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*batch keys \[s00"):
+        distill.run(
+            cfg(tmp_path, shards, preset="clip-kd", cache=("clip",), lr=1e30, warmup_steps=0, grad_clip=0, steps=3)
+        )
