@@ -83,7 +83,9 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str = ""  # a run directory (student) or a cache / teacher spec
+    model: str = ""  # a run directory / student checkpoint, a cache built on the test shards, or the teacher's model
+    teacher: str = ""  # evaluate a teacher: clip | albef | blip (then `model` / `pretrained` are its arguments)
+    pretrained: str = ""  # teacher weights (open_clip tag or file, ALBEF .pth, BLIP folder); "" = the teacher's default
     data: tuple[str, ...] = ()  # test shards
     out: str = ""  # results JSON path ("" = <run dir>/eval.json)
     batch_size: int = 64  # encoding batch size
@@ -92,6 +94,7 @@ class EvalConfig:
     k_test: int = 16  # single-stream teachers: ITC top-k re-ranked by ITM (clamped to the gallery size)
     itm_score: str = "itm+itc"  # single-stream rank score: itm | itm+itc
     chunk_size: int = 1024  # query rows per similarity chunk
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
 
 
 def _coerce(tp: Any, value: Any) -> Any:
