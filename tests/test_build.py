@@ -1,0 +1,298 @@
+"""The cache build pipeline on tiny shards with the fake teacher: values, maps, skips, resume after SIGKILL, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+from fake_teacher import FakeTeacher
+from mcad_cache.pipelines.build_cache import run
+from PIL import Image
+
+from mcad_cache.cache import check_cache, chunked_topk, open_cache
+from mcad_cache.config import BuildConfig
+from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.errors import CacheMismatchError
+
+TESTS = Path(__file__).resolve().parent
+CAPTION_COUNTS = [3, 1, 2]  # repeated: images with 3, 1 and 2 captions
+
+
+def _png(color: tuple[int, int, int], size: int = 32) -> bytes:
+    gen = torch.Generator().manual_seed(sum(color))
+    noise = (torch.rand(size, size, 3, generator=gen) * 40).to(torch.uint8).numpy()
+    arr = np.clip(np.array(color, np.int16)[None, None, :] + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, *, num_shards: int = 2, per_shard: int = 6) -> dict[str, dict]:
+    """Shards of coloured 32 px PNGs with 1-3 captions; one corrupt image (decode_error, keeps an invalid row) and one
+    sample without captions (missing_caption, gets no row). Returns key -> {"png", "captions"} of the good samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey", "pink", "cyan", "brown"]
+    truth = {}
+    n = 0
+    for s in range(num_shards):
+        with wds.TarWriter(str(folder / f"shard-{s:03d}.tar")) as tw:
+            for _ in range(per_shard):
+                key = f"{n:05d}"
+                name = names[n % len(names)]
+                color = ((n * 97) % 256, (n * 53 + 80) % 256, (n * 31 + 160) % 256)
+                caps = [f"a {name} square {j}" for j in range(CAPTION_COUNTS[n % 3])]
+                sample = {"__key__": key, "png": _png(color), "json": json.dumps({"captions": caps}).encode()}
+                if n == 4:
+                    sample["png"] = b"this is not an image"
+                if n == 7:
+                    del sample["json"]
+                tw.write(sample)
+                if n != 7:
+                    truth[key] = {"png": sample["png"], "captions": caps}
+                n += 1
+    return truth
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("shards")
+    return folder, write_shards(folder)
+
+
+def _config(shard_dir: Path, out: Path, **kw) -> BuildConfig:
+    base = {
+        "teacher": "fake",
+        "data": (str(shard_dir / "shard-*.tar"),),
+        "out": str(out),
+        "k": 3,
+        "batch_size": 3,
+        "workers": 0,
+        "rows_per_chunk": 4,
+        "chunk_size": 5,
+        "device": "cpu",
+    }
+    return BuildConfig(**{**base, **kw})
+
+
+def _all_arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(g[name][:]) for name in sorted(g.array_keys())}
+
+
+def test_dual_build_values_maps_and_skips(shards, tmp_path):
+    shard_dir, truth = shards
+    result = run(_config(shard_dir, tmp_path / "c.zarr"))
+    assert result.status == "built"
+    r = open_cache(tmp_path / "c.zarr").require(expect={"teacher": {"name": "fake"}, "k": 3})
+    assert r.kind == "dual" and r.num_images == 11 and r.logit_scale == 50.0
+    keys = [str(k) for k in r.image_keys.tolist()]
+    assert keys == sorted(truth)  # shards in sorted order, tar order inside
+    counts = np.diff(r.img2txt_offsets)
+    np.testing.assert_array_equal(counts, [len(truth[k]["captions"]) for k in keys])
+    assert set(counts.tolist()) == {1, 2, 3}
+    assert [str(c) for c in r.captions[r.img2txt(0)].tolist()] == truth[keys[0]]["captions"]
+    # the corrupt image keeps an invalid row; the caption-less sample has none; both are counted
+    bad = r.image_rows(["00004"])[0]
+    assert not r.image_valid[bad] and not r.text_valid[r.img2txt(bad)].any()
+    assert r.array("image_skip")[bad] > 0
+    skips = r.manifest["skips"]["counts"]
+    assert skips == {"missing_caption": 1, "decode_error": 1}
+    assert ["shard-001.tar", "00007", "missing_caption"] in r.manifest["skips"]["examples"]
+    # embeddings equal the teacher's on the teacher's own transform (stored fp16)
+    teacher = FakeTeacher(kind="dual")
+    transform = make_image_transform(teacher.preprocess_cfg)
+    good = [k for k in keys if k != "00004"]
+    images = torch.stack([transform(Image.open(io.BytesIO(truth[k]["png"])).convert("RGB")) for k in good])
+    ref = teacher.encode_image(images).numpy()
+    np.testing.assert_allclose(r.image_emb(r.image_rows(good)), ref, atol=2e-3)
+    caps = [c for k in good for c in truth[k]["captions"]]
+    ref_t = teacher.encode_text(teacher.tokenize(caps)).numpy()
+    rows_t = np.concatenate([r.img2txt(i) for i in r.image_rows(good)])
+    np.testing.assert_allclose(r.text_emb(rows_t), ref_t, atol=2e-3)
+    # top-k equals a full-matrix reference over the stored embeddings, both directions
+    for d, q, g, qv, gv in (
+        ("i2t", r.image_emb(), r.text_emb(), r.image_valid, r.text_valid),
+        ("t2i", r.text_emb(), r.image_emb(), r.text_valid, r.image_valid),
+    ):
+        sims, idx = chunked_topk(q, g, k=3, chunk_size=1000, query_valid=qv, gallery_valid=gv)
+        out = r.topk(d, np.arange(q.shape[0]))
+        np.testing.assert_array_equal(out["idx"], idx)
+        np.testing.assert_array_equal(out["sims"], sims)
+    assert check_cache(r) == []
+    m = r.manifest
+    assert m["complete"] and m["finished_at"] >= m["started_at"]
+    assert [s["name"] for s in m["shards"]] == ["shard-000.tar", "shard-001.tar"]
+    assert all(len(s["sha256"]) == 64 for s in m["fingerprint"]["data"]["shards"])
+
+
+def test_rerun_noop_mismatch_and_overwrite(shards, tmp_path, caplog):
+    shard_dir, _ = shards
+    cfg = _config(shard_dir, tmp_path / "c.zarr")
+    run(cfg)
+    before = _all_arrays(tmp_path / "c.zarr")
+    assert run(cfg).status == "complete"
+    with pytest.raises(CacheMismatchError) as err:
+        run(_config(shard_dir, tmp_path / "c.zarr", k=2))
+    assert "k: cache has 3, expected 2" in str(err.value)
+    with pytest.raises(CacheMismatchError, match="storage.emb_dtype"):
+        run(_config(shard_dir, tmp_path / "c.zarr", emb_dtype="fp32"))
+    after = _all_arrays(tmp_path / "c.zarr")
+    assert all(np.array_equal(before[n], after[n], equal_nan=before[n].dtype.kind == "f") for n in before)
+    assert run(_config(shard_dir, tmp_path / "c.zarr", k=2, overwrite=True)).status == "built"
+    assert open_cache(tmp_path / "c.zarr").k == 2
+
+
+@pytest.mark.parametrize("fused_dtype", ["fp16", "int8"])
+def test_single_stream_itm_both_directions(shards, tmp_path, fused_dtype):
+    shard_dir, truth = shards
+    run(_config(shard_dir, tmp_path / "c.zarr", model="single", fused_dtype=fused_dtype, force_positives=True))
+    r = open_cache(tmp_path / "c.zarr")
+    assert r.kind == "single" and check_cache(r) == []
+    teacher = FakeTeacher(kind="single")
+    transform = make_image_transform(teacher.preprocess_cfg)
+    keys = [str(k) for k in r.image_keys.tolist()]
+    # forced positives: every valid image's candidates hold all its valid captions (<= k), every text its image
+    i2t = r.topk("i2t", np.arange(r.num_images))
+    for i in np.nonzero(r.image_valid)[0]:
+        assert set(r.img2txt(i).tolist()) <= set(i2t["idx"][i].tolist())
+    t2i = r.topk("t2i", np.arange(r.num_texts))
+    assert t2i["is_positive"][r.text_valid].any(axis=1).all()
+    for d, res in (("i2t", i2t), ("t2i", t2i)):
+        rows, slots = np.nonzero(res["valid"])
+        q, c = rows, res["idx"][rows, slots]
+        img_rows, txt_rows = (q, c) if d == "i2t" else (c, q)
+        images = torch.stack(
+            [transform(Image.open(io.BytesIO(truth[keys[i]]["png"])).convert("RGB")) for i in img_rows]
+        )
+        itm, fused = teacher.itm(images, teacher.tokenize([str(r.captions[t]) for t in txt_rows]))
+        np.testing.assert_allclose(res["itm_logits"][rows, slots], itm.numpy(), atol=1e-5)
+        ref = fused.numpy()
+        tol = np.abs(ref).max(axis=-1, keepdims=True) / 254 + 1e-6 if fused_dtype == "int8" else 4e-3
+        assert (np.abs(res["fused_cls"][rows, slots] - ref) <= tol).all()
+        assert np.isnan(res["fused_cls"][~res["valid"]]).all()
+    assert not (Path(tmp_path / "c.zarr") / "build" / "scratch").exists()
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import fake_teacher  # registers "fake"
+    from mcad_cache.config import BuildConfig
+    from mcad_cache.pipelines.build_cache import run
+
+    kill_after = int(sys.argv[1])
+    seen = [0]
+
+    def progress(iterable, description="", total=None):
+        for item in iterable:
+            if description.startswith("pass") and not description.startswith("pass 0"):
+                seen[0] += 1
+                if seen[0] > kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            yield item
+
+    run(BuildConfig(**{config!r}), progress=progress)
+    """
+)
+
+
+def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
+    shard_dir, _ = shards
+    kw = {"model": "single", "fused_dtype": "int8"}
+    ref_cfg = _config(shard_dir, tmp_path / "ref.zarr", **kw)
+    run(ref_cfg)
+    cfg = _config(shard_dir, tmp_path / "killed.zarr", **kw)
+    script = tmp_path / "killer.py"
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
+    script.write_text(KILLER.format(tests=str(TESTS), config=fields))
+    kills = 0
+    for _ in range(10):  # each run commits some units of passes 1-3, then dies after 8 progress items
+        proc = subprocess.run([sys.executable, str(script), "8"], capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        kills += 1
+        assert not open_cache(tmp_path / "killed.zarr").complete
+    assert kills >= 2 and proc.returncode == 0
+    ref, got = _all_arrays(tmp_path / "ref.zarr"), _all_arrays(tmp_path / "killed.zarr")
+    assert sorted(ref) == sorted(got)
+    for name in ref:
+        assert ref[name].dtype == got[name].dtype, name
+        assert np.array_equal(ref[name], got[name], equal_nan=ref[name].dtype.kind == "f"), name
+    assert run(cfg).status == "complete"
+    r = open_cache(tmp_path / "killed.zarr")
+    assert r.manifest["resumed_at"] and check_cache(r) == []
+    assert r.manifest["skips"] == open_cache(tmp_path / "ref.zarr").manifest["skips"]
+
+
+def test_cli_build_then_inspect_check(shards, tmp_path):
+    from mcad_cache.cli.main import app
+    from typer.testing import CliRunner
+
+    shard_dir, _ = shards
+    out = tmp_path / "cli.zarr"
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            "fake",
+            "--data",
+            str(shard_dir / "shard-*.tar"),
+            "--out",
+            str(out),
+            "--k",
+            "3",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--model",
+            "single",
+            "--fused-dtype",
+            "int8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", str(out), "--check"])
+    assert res.exit_code == 0, res.output
+    assert "bytes per sample" in res.output and "decode_error" in res.output
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["manifest"]["complete"] is True
+    # a broken cache fails the check
+    g = zarr.open_group(str(out), mode="r+")
+    g["i2t_idx"][0:4] = np.full((4, 3), 999, np.int32)
+    res = runner.invoke(app, ["inspect", str(out), "--check"])
+    assert res.exit_code == 1 and "i2t_idx" in res.output
+    # a rerun says there is nothing to do
+    res = runner.invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            "fake",
+            "--data",
+            str(shard_dir / "shard-*.tar"),
+            "--out",
+            str(tmp_path / "missing" / "c.zarr"),
+            "--k",
+            "0",
+        ],
+    )
+    assert res.exit_code != 0
+    assert os.path.exists(out)
