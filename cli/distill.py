@@ -1,0 +1,74 @@
+"""``mcad-cache distill``: train a student from cached teacher targets (docs/distill.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from rich.table import Table
+
+from mcad_cache.config import DistillConfig, load_config
+
+
+def _user_error(err: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@app.command("distill")
+def distill(
+    cache: Annotated[
+        list[str], typer.Option("--cache", help="teacher cache (repeat: one CLIP, one ALBEF/BLIP)")
+    ] = None,
+    data: Annotated[list[str], typer.Option("--data", help="training shards (paths, globs, brace patterns)")] = None,
+    out: Annotated[str, typer.Option(help="run directory (resumed when it holds a checkpoint)")] = None,
+    student: Annotated[str, typer.Option(help="student config name or JSON path")] = None,
+    preset: Annotated[str, typer.Option(help="mcad | contrastive | clip-kd | clip-kd-feat | single-topk")] = None,
+    k: Annotated[int, typer.Option("--k", help="top-k candidates used (<= the caches' k)")] = None,
+    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = None,
+    steps: Annotated[int, typer.Option(help="optimiser steps (0 = epochs x steps per epoch)")] = None,
+    epochs: Annotated[int, typer.Option(help="passes over the data when --steps is 0")] = None,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = None,
+    grad_clip: Annotated[float, typer.Option(help="max global gradient norm (0 = off)")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on CUDA only)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of init, shuffling and caption choice")] = None,
+    shuffle_buffer: Annotated[int, typer.Option(help="sample shuffle buffer (0 = stream order)")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints (0 = end only)")] = None,
+    log_every: Annotated[int, typer.Option(help="steps between metrics.jsonl lines")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="resume from the run dir's checkpoint")] = None,
+    loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")] = None,
+    config: Annotated[str, typer.Option("--config", help="run.json with DistillConfig fields")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Distil a student from cached teacher targets joined to the shards by key."""
+    setup_logging(verbose)
+    from mcad_cache.pipelines import distill as pipeline
+
+    try:
+        loss_overrides = json.loads(loss) if loss else None
+        cfg = call_pipeline(
+            load_config, DistillConfig, config, cache=cache or None, data=data or None, out=out, student=student,
+            preset=preset, k=k, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers, device=device, precision=precision,
+            seed=seed, shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, log_every=log_every,
+            resume=resume, loss=loss_overrides,
+        )  # fmt: skip
+        summary = call_pipeline(pipeline.run, cfg, progress=progress)
+    except (ValueError, FileNotFoundError) as err:
+        raise _user_error(err) from err
+    table = Table(title=f"distill {cfg.preset} -> {summary['run_dir']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("pairs seen", str(summary["samples_seen"]))
+    table.add_row("time (s)", f"{summary['elapsed_s']:.1f}")
+    for name, value in summary["final"].items():
+        table.add_row(name, f"{value:.4g}")
+    table.add_row("student", summary["checkpoint"])
+    console.print(table)

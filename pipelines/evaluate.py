@@ -1,0 +1,187 @@
+"""``mcad-cache eval`` and ``mcad-cache compare``: image-text retrieval R@1/5/10 and RSUM (docs/eval.md).
+
+What ``--model`` can be:
+
+- a distill run directory (its ``final/`` student) or a student checkpoint folder (``student_config.json``);
+- a cache directory built on the **test** shards: its cached embeddings are evaluated, no model is run
+  (single-stream caches: ITC top-k re-ranked by the cached ITM logits, ``k_test <= `` the cache's k);
+- with ``--teacher clip|albef|blip``: the teacher's model argument (``--pretrained`` its weights), built with
+  ``create_teacher``; single-stream teachers are ranked by ITC top-``k_test`` then ITM re-ranking.
+
+Each model is run with its own preprocessing and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mcad_cache.pipelines.distill import FINAL_DIR, SUMMARY_FILE, check_cache_data
+from torch.utils.data import DataLoader
+
+from mcad_cache.cache import open_cache
+from mcad_cache.config import EvalConfig, config_to_dict
+from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.data.webdataset import SampleDataset, collate_samples, expand_shards
+from mcad_cache.eval import (
+    ITM_SCORES,
+    encode_retrieval_set,
+    evaluate_cache,
+    evaluate_dual,
+    evaluate_single_stream,
+)
+from mcad_cache.metrics import METRIC_KEYS
+from mcad_cache.student import DualEncoder
+from mcad_cache.teachers import create_teacher
+from mcad_cache.teachers.base import resolve_device
+
+_logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EVAL_FILE = "eval.json"
+STUDENT_CONFIG = "student_config.json"
+
+
+def _identity(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
+    return iterable
+
+
+def resolve_model_kind(config: EvalConfig) -> tuple[str, Path | None]:
+    """``("teacher", None)``, ``("student", checkpoint folder)`` or ``("cache", cache folder)``.
+
+    Raises:
+        FileNotFoundError: ``model`` is neither a run dir, a student checkpoint nor a cache (and no ``teacher``).
+    """
+    if config.teacher:
+        return "teacher", None
+    path = Path(config.model)
+    if (path / FINAL_DIR / STUDENT_CONFIG).is_file():
+        return "student", path / FINAL_DIR
+    if (path / STUDENT_CONFIG).is_file():
+        return "student", path
+    if (path / "zarr.json").is_file():
+        return "cache", path
+    raise FileNotFoundError(
+        f"--model {config.model!r}: not a distill run dir (no {FINAL_DIR}/{STUDENT_CONFIG}), a student checkpoint "
+        f"({STUDENT_CONFIG}) or a cache (zarr.json); to evaluate a teacher pass --teacher clip|albef|blip"
+    )
+
+
+def _default_out(config: EvalConfig, kind: str, folder: Path | None) -> Path:
+    if config.out:
+        return Path(config.out)
+    if kind == "student" and folder is not None:
+        run_dir = folder.parent if folder.name == FINAL_DIR else folder
+        return run_dir / EVAL_FILE
+    name = Path(config.model).name or config.teacher
+    return Path(".work/eval") / f"{config.teacher or kind}-{name}.json"
+
+
+def _batches(shards: list[str], model: Any, config: EvalConfig) -> DataLoader:
+    dataset = SampleDataset(shards, image_transform=make_image_transform(model.preprocess_cfg))
+    return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_samples)
+
+
+def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = _identity) -> dict[str, Any]:
+    """Evaluate one model on the test shards; write and return the results.
+
+    Returns:
+        ``{"model", "kind", "data", "metrics", "protocol", "notices", "elapsed_s", "out", "config"}``; metrics in
+        percent (``i2t_R@1`` ... ``rsum``).
+    Raises:
+        FileNotFoundError: ``model`` is not a run dir, checkpoint or cache; ValueError: bad options;
+        CacheIncompleteError / CacheMismatchError: a cache that is partial or not built on the test shards;
+        DataError: an unreadable test sample (evaluation never skips).
+    """
+    if config.itm_score not in ITM_SCORES:
+        raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {config.itm_score!r}")
+    shards = expand_shards(config.data)
+    kind, folder = resolve_model_kind(config)
+    device = resolve_device(config.device)
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if kind == "cache":
+        assert folder is not None
+        reader = open_cache(folder).require(complete=True)
+        check_cache_data(reader, shards)
+        result = evaluate_cache(reader, k_test=config.k_test, score=config.itm_score, chunk_size=config.chunk_size)
+        extra = {"teacher": reader.teacher, "teacher_kind": reader.kind, "cache_k": reader.k}
+    else:
+        if kind == "student":
+            model: Any = DualEncoder.load(folder, map_location=device).eval()
+            extra = {"student": model.config.name}
+        else:
+            model = create_teacher(
+                config.teacher, model=config.model or None, pretrained=config.pretrained or None, device=device
+            ).eval()
+            extra = {"teacher": config.teacher, "teacher_kind": model.kind}
+        rs = encode_retrieval_set(
+            model, progress(_batches(shards, model, config), "encode", None), precision=config.precision
+        )
+        if kind == "teacher" and model.kind == "single":
+            result = evaluate_single_stream(
+                model, rs, _batches(shards, model, config), k_test=config.k_test, score=config.itm_score,
+                chunk_size=config.chunk_size, precision=config.precision, progress=progress,
+            )  # fmt: skip
+        else:
+            result = evaluate_dual(rs, chunk_size=config.chunk_size)
+            result["notices"] = []
+    out_path = _default_out(config, kind, folder)
+    results = {
+        "model": config.model or config.teacher,
+        "kind": kind,
+        **extra,
+        "data": shards,
+        "metrics": result["metrics"],
+        "protocol": result["protocol"],
+        "notices": result.get("notices", []),
+        "elapsed_s": time.perf_counter() - t0,
+        "device": str(device),
+        "out": str(out_path),
+        "config": config_to_dict(config),
+    }
+    proto = result["protocol"]
+    _logger.info(
+        "protocol: %d images, %d captions (%d-%d per image), score: %s, ties: pessimistic",
+        proto["num_images"], proto["num_captions"], proto["captions_per_image"]["min"],
+        proto["captions_per_image"]["max"], proto["score"],
+    )  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def load_results(paths: Iterable[str]) -> list[dict[str, Any]]:
+    """Results for ``compare``: each path is an eval JSON, or a run dir holding ``eval.json`` (its
+    ``summary.json`` adds the preset and steps).
+
+    Raises:
+        FileNotFoundError: a path with no results; ValueError: a JSON without metrics.
+    """
+    rows = []
+    for p in paths:
+        path = Path(p)
+        file = path / EVAL_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{p}: no results (expected an eval JSON or a run dir with {EVAL_FILE}; run "
+                "`mcad-cache eval --model RUN --data TEST_SHARDS` first)"
+            )
+        data = json.loads(file.read_text())
+        if "metrics" not in data or not all(k in data["metrics"] for k in METRIC_KEYS):
+            raise ValueError(f"{file}: not an eval result (no {list(METRIC_KEYS)} under 'metrics')")
+        summary_file = (path if path.is_dir() else file.parent) / SUMMARY_FILE
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            data.setdefault("preset", summary.get("preset"))
+            data.setdefault("steps", summary.get("steps"))
+        data["name"] = str(p)
+        rows.append(data)
+    return rows
+
+
+__all__ = ["EVAL_FILE", "load_results", "resolve_model_kind", "run"]
