@@ -172,6 +172,24 @@ def to_rgb(im: Image.Image, *, background: tuple[int, int, int] = (255, 255, 255
     return im.convert("RGB")
 
 
+def open_checked(data: bytes, *, policy: DecodePolicy) -> Image.Image:
+    """Open image bytes lazily (header only) and check the policy's pixel and aspect limits before any decoding.
+
+    Raises:
+        SampleSkip: ``decode_error``, ``too_many_pixels`` or ``extreme_aspect``.
+    """
+    im = _open(data)
+    _check_limits(im.size[0], im.size[1], policy)
+    return im
+
+
+def apply_exif_orientation(im: Image.Image) -> Image.Image:
+    """Turn a loaded image by its EXIF orientation tag (the EXIF 2.3 table); unreadable EXIF counts as 1."""
+    for op in _TRANSPOSE.get(_exif_orientation(im), ()):
+        im = im.transpose(op)
+    return im
+
+
 def decode_image_with_header(data: bytes, *, policy: DecodePolicy) -> tuple[Image.Image, ImageHeader]:
     """:func:`decode_image` that also returns the source header (format, mode, size before EXIF rotation)."""
     im = _open(data)
@@ -185,8 +203,7 @@ def decode_image_with_header(data: bytes, *, policy: DecodePolicy) -> tuple[Imag
     try:
         im.load()
         if policy.exif_transpose:
-            for op in _TRANSPOSE.get(_exif_orientation(im), ()):
-                im = im.transpose(op)
+            im = apply_exif_orientation(im)
         rgb = to_rgb(im, background=policy.background)
     except Exception as err:  # truncated or corrupt pixel data, unsupported mode conversion
         raise SampleSkip(

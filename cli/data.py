@@ -1,0 +1,102 @@
+"""``mcad-cache data import`` and ``mcad-cache data verify``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from mcad_cache.cli.app import call_pipeline, console, data_app, progress, setup_logging
+from rich.table import Table
+
+from mcad_cache.config import ImportConfig, load_config
+from mcad_cache.data.skips import SKIP_REASONS
+
+
+@data_app.command("import")
+def import_(
+    source: Annotated[str, typer.Option(help="openclipart | karpathy | folder")] = None,
+    out: Annotated[str, typer.Option(help="output folder (OUT/<split>/shard-*.tar, index.json, report)")] = None,
+    root: Annotated[str, typer.Option(help="openclipart data folder (fetched if absent) or image root")] = None,
+    annotations: Annotated[str, typer.Option(help="karpathy dataset_*.json or folder captions .jsonl/.csv")] = None,
+    samples_per_shard: Annotated[int, typer.Option(help="samples per tar")] = None,
+    max_samples: Annotated[int, typer.Option(help="0 = all; else the first N in the importer's order")] = None,
+    image_size_px: Annotated[int, typer.Option(help="longest side after re-encoding (0 = keep original bytes)")] = None,
+    seed: Annotated[int, typer.Option(help="split seed (openclipart)")] = None,
+    config: Annotated[str, typer.Option("--config", help="run.json with ImportConfig fields")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Import captioned images into WebDataset shards with an index and a report of what was dropped and why."""
+    setup_logging(verbose)
+    from mcad_cache.pipelines import data_import
+
+    cfg = call_pipeline(
+        load_config,
+        ImportConfig,
+        config,
+        source=source,
+        out=out,
+        root=root,
+        annotations=annotations,
+        samples_per_shard=samples_per_shard,
+        max_samples=max_samples,
+        image_size_px=image_size_px,
+        seed=seed,
+    )
+    try:
+        report = call_pipeline(data_import.run, cfg, progress=progress)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from err
+    table = Table(title=f"import {cfg.source} -> {cfg.out} ({report['time_s']} s)")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("candidates", str(report["num_candidates"]))
+    for split, n in report["kept_per_split"].items():
+        table.add_row(f"kept: {split}", str(n))
+    for reason, n in report["dropped"].items():
+        table.add_row(f"dropped: {reason}", str(n))
+    console.print(table)
+
+
+@data_app.command("verify")
+def verify(
+    shards: Annotated[list[str], typer.Argument(help="shard paths, globs or brace patterns")],
+    json_out: Annotated[str, typer.Option("--json", help="write the full report as JSON here")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Read every shard once; report truncation, split samples, duplicate keys, bad names and every skip reason.
+
+    Exits 1 when anything is wrong.
+    """
+    setup_logging(verbose)
+    from mcad_cache.pipelines import verify as verify_pipeline
+
+    try:
+        report = call_pipeline(verify_pipeline.run, shards, json_out=json_out, progress=progress)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from err
+    d = report.to_dict()
+    table = Table(title=f"verify: {d['num_shards']} shard(s), {d['num_samples']} samples, {d['time_s']} s")
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    table.add_row("usable samples", str(d["num_ok"]))
+    table.add_row("captions", str(d["num_captions"]))
+    for reason in SKIP_REASONS:
+        n = d["counts"][reason]
+        table.add_row(f"[red]{reason}[/red]" if n else reason, str(n))
+    n = d["unrecognised_members"]
+    table.add_row("[red]unrecognised member names[/red]" if n else "unrecognised member names", str(n))
+    for mode, n in d["image_modes"].items():
+        table.add_row(f"images in source mode {mode}", str(n))
+    truncated = [s for s in d["shards"] if s["truncated"]]
+    for s in truncated:
+        table.add_row(f"[red]truncated {s['path']}[/red] (last good key {s['last_good_key']!r})", "")
+    console.print(table)
+    for kind, listed in d["problems"].items():
+        for p in listed[:5]:
+            console.print(f"  {kind}: {p['shard']} key {p['key']!r}: {p['detail']}", highlight=False, soft_wrap=True)
+    if not report.ok:
+        console.print("[red]verify: problems found[/red]")
+        raise typer.Exit(code=1)
+    console.print("[green]verify: ok[/green]")

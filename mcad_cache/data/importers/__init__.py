@@ -1,0 +1,282 @@
+"""Importers that turn a captioned image source into WebDataset shards, plus what they share.
+
+Every importer writes ``OUT/<split>/shard-%06d.tar`` with ``webdataset.ShardWriter`` (members ``KEY.<jpg|png>`` and
+``KEY.json`` = ``{"captions": [...], ...}``), in a deterministic order with tar mtimes fixed to 0, so the same input
+and config give byte-identical shards; then ``OUT/index.json`` (per-shard sha256 and sample counts) and
+``OUT/import_report.json`` (what was kept and dropped, and why). See ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+from mcad_cache.data.decode import DecodePolicy, apply_exif_orientation, decode_image, open_checked, to_rgb
+from mcad_cache.data.skips import SampleSkip
+
+_logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = "mcad-cache-shards"
+INDEX_VERSION = 1
+SHARD_PATTERN = "shard-%06d.tar"
+_LOSSLESS_FORMATS = {"PNG", "GIF", "BMP", "TIFF", "PPM", "WEBP_LOSSLESS"}
+_EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
+
+
+def make_key(text: str) -> str:
+    """A WebDataset-safe ``__key__``: runs of characters other than ``A-Z a-z 0-9 _ -`` become one ``_``.
+
+    Keys must not contain dots (WebDataset splits a member name at the first dot of its file name) or slashes.
+    """
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "_"
+
+
+def split_of(group: str, *, seed: int, test_fraction: float, val_fraction: float) -> str:
+    """Deterministic split from a hash of ``f"{seed}:{group}"``: "test", "val" or "train".
+
+    ``u = int(sha256(...)[:16], 16) / 2**64`` is uniform in [0, 1); ``u < test_fraction`` is test, the next
+    ``val_fraction`` is val. Everything in one group lands in one split.
+    """
+    u = int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:16], 16) / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def reencode_image(data: bytes, *, max_side_px: int, policy: DecodePolicy) -> tuple[bytes, str]:
+    """Validate an image with the decode policy and shrink it so its longer side is at most ``max_side_px``.
+
+    Alpha is kept (the readers composite it, ``docs/data.md``) and resized premultiplied so transparent pixels do
+    not bleed dark fringes; lossless sources are written as PNG, others as JPEG quality 90. EXIF orientation is
+    applied to the pixels (and the tag dropped) when the policy says so. Images are never enlarged.
+
+    Args:
+        data: encoded image bytes.
+        max_side_px: longest side in pixels; 0 keeps the original bytes (after a full decode check).
+        policy: the decode policy (limits, EXIF rule).
+    Returns:
+        (encoded bytes, file extension without dot).
+    Raises:
+        SampleSkip: ``decode_error``, ``too_many_pixels`` or ``extreme_aspect``.
+    """
+    if max_side_px <= 0:
+        fmt = open_checked(data, policy=policy).format or ""
+        decode_image(data, policy=policy)  # a full decode with the same path the readers use
+        ext = _EXT_OF_FORMAT.get(fmt)
+        if ext is None:
+            raise SampleSkip("decode_error", f"format {fmt} is not stored as is; set image_size_px > 0")
+        return data, ext
+    im = open_checked(data, policy=policy)
+    fmt = im.format
+    try:
+        im.load()
+        if policy.exif_transpose:
+            im = apply_exif_orientation(im)
+        has_alpha = im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info
+        if has_alpha and im.mode not in ("I;16", "I;16L", "I;16B", "I", "F"):
+            out = im.convert("RGBA").convert("RGBa")
+            out.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
+            out = out.convert("RGBA")
+            lossless = True
+        else:
+            out = to_rgb(im, background=policy.background)
+            out.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
+            lossless = fmt in _LOSSLESS_FORMATS
+    except SampleSkip:
+        raise
+    except Exception as err:  # corrupt pixel data
+        raise SampleSkip("decode_error", f"{type(err).__name__}: {err}") from err
+    buf = io.BytesIO()
+    if lossless:
+        out.save(buf, "PNG")
+        return buf.getvalue(), "png"
+    out.save(buf, "JPEG", quality=90)
+    return buf.getvalue(), "jpg"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class SplitShardWriter:
+    """One ``webdataset.ShardWriter`` per split, opened on that split's first sample, into ``OUT/<split>/``.
+
+    Old ``shard-*.tar`` files of a split are removed when its writer opens, so a rerun never leaves stale shards.
+
+    Args:
+        out_dir: output folder.
+        samples_per_shard: samples per tar.
+    """
+
+    def __init__(self, out_dir: str | Path, *, samples_per_shard: int) -> None:
+        if samples_per_shard <= 0:
+            raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.samples_per_shard = samples_per_shard
+        self._writers: dict[str, wds.ShardWriter] = {}
+        self._counts: dict[str, Counter[str]] = {}
+
+    def write(self, split: str, key: str, image: bytes, image_ext: str, meta: dict[str, Any]) -> None:
+        """Write one sample: ``KEY.<image_ext>`` and ``KEY.json`` (``meta`` must hold ``"captions"``)."""
+        writer = self._writers.get(split)
+        if writer is None:
+            folder = self.out_dir / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("shard-*.tar"):
+                old.unlink()
+            writer = wds.ShardWriter(
+                str(folder / SHARD_PATTERN), maxcount=self.samples_per_shard, verbose=0, encoder=False, mtime=0
+            )
+            self._writers[split] = writer
+            self._counts[split] = Counter()
+        writer.write({"__key__": key, image_ext: image, "json": json.dumps(meta, ensure_ascii=False).encode()})
+        self._counts[split][writer.fname] += 1
+
+    def close(self) -> dict[str, Any]:
+        """Close every writer; returns the ``splits`` part of ``index.json`` (paths relative to ``out_dir``)."""
+        splits: dict[str, Any] = {}
+        for split in sorted(self._writers):
+            self._writers[split].close()
+            shards = [
+                {
+                    "path": str(Path(fname).relative_to(self.out_dir)),
+                    "num_samples": n,
+                    "sha256": sha256_file(fname),
+                    "size_bytes": Path(fname).stat().st_size,
+                }
+                for fname, n in sorted(self._counts[split].items())
+            ]
+            splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+        self._writers = {}
+        return splits
+
+
+@dataclass
+class ImportReport:
+    """What an importer kept and dropped, and why (``import_report.json``)."""
+
+    source: str
+    num_candidates: int = 0
+    kept_per_split: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    captions_per_image: Counter[int] = field(default_factory=Counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def keep(self, split: str, num_captions: int) -> None:
+        self.kept_per_split[split] += 1
+        self.captions_per_image[num_captions] += 1
+
+    def drop(self, reason: str, key: str, detail: str = "") -> None:
+        self.dropped[reason] += 1
+        listed = self.examples.setdefault(reason, [])
+        if len(listed) < self.max_examples:
+            listed.append({"key": key, "detail": detail})
+        _logger.debug("dropped %s: %s (%s)", key, reason, detail)
+
+    @property
+    def num_kept(self) -> int:
+        return sum(self.kept_per_split.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "num_candidates": self.num_candidates,
+            "num_kept": self.num_kept,
+            "num_dropped": sum(self.dropped.values()),
+            "kept_per_split": dict(sorted(self.kept_per_split.items())),
+            "dropped": dict(sorted(self.dropped.items())),
+            "examples": self.examples,
+            "captions_per_image": {str(k): v for k, v in sorted(self.captions_per_image.items())},
+            **self.extra,
+        }
+
+
+def write_index(out_dir: str | Path, *, source: str, splits: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write ``OUT/index.json``: format tag, source, the import config and per-split shard lists."""
+    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "source": source, "config": config, "splits": splits}
+    path = Path(out_dir) / "index.json"
+    path.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def first_n(items: Iterable[Any], n: int) -> Iterable[Any]:
+    """The first ``n`` items (all when ``n <= 0``)."""
+    for i, item in enumerate(items):
+        if 0 < n <= i:
+            return
+        yield item
+
+
+@dataclass
+class ImportItem:
+    """One image to import: its key, split, cleaned captions, image file and extra JSON metadata."""
+
+    key: str
+    split: str
+    captions: list[str]
+    image_path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _identity_progress(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
+    return iterable
+
+
+def write_items(
+    items: list[ImportItem],
+    *,
+    out_dir: str | Path,
+    samples_per_shard: int,
+    image_size_px: int,
+    policy: DecodePolicy,
+    report: ImportReport,
+    progress: Any = _identity_progress,
+) -> dict[str, Any]:
+    """Re-encode and write items in the given order; returns the ``splits`` part of ``index.json``.
+
+    Items whose key was already written are dropped as ``duplicate_key``; a missing image file as ``missing_image``;
+    decode problems with their :data:`mcad_cache.data.SKIP_REASONS` reason. All drops are counted in ``report``.
+    """
+    writer = SplitShardWriter(out_dir, samples_per_shard=samples_per_shard)
+    seen: set[str] = set()
+    try:
+        for item in progress(items, f"import {report.source}", len(items)):
+            if item.key in seen:
+                report.drop("duplicate_key", item.key, f"{item.image_path}")
+                continue
+            seen.add(item.key)
+            try:
+                data = item.image_path.read_bytes()
+            except OSError as err:
+                report.drop("missing_image", item.key, f"{item.image_path}: {err.strerror or err}")
+                continue
+            try:
+                image, ext = reencode_image(data, max_side_px=image_size_px, policy=policy)
+            except SampleSkip as skip:
+                report.drop(skip.reason, item.key, f"{item.image_path}: {skip.detail}")
+                continue
+            writer.write(item.split, item.key, image, ext, {"captions": item.captions, **item.meta})
+            report.keep(item.split, len(item.captions))
+    finally:
+        splits = writer.close()
+    return splits

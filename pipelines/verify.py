@@ -1,0 +1,31 @@
+"""``mcad-cache data verify``: stream shards once and report what is wrong (see mcad_cache.data.verify)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mcad_cache.data.decode import DecodePolicy
+from mcad_cache.data.verify import VerifyReport, verify_shards
+
+
+def _identity(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
+    return iterable
+
+
+def run(
+    shards: Sequence[str], *, json_out: str | None = None, progress: Callable[..., Iterable[Any]] = _identity
+) -> VerifyReport:
+    """Verify ``shards`` with the default decode policy; write the report to ``json_out`` when given.
+
+    Raises:
+        ValueError: no shard matches.
+    """
+    report = verify_shards(list(shards), policy=DecodePolicy(), progress=progress)
+    if json_out:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return report
