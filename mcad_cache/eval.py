@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -388,8 +389,18 @@ def evaluate_cache(
         CacheSchemaError: ``k_test`` above the cache's k, or candidates not chosen by this teacher's own ITC
             (ground-truth positives forced into the lists, or another cache's similarities), which would not be
             the ALBEF protocol.
+        DataError: the cache has invalid image rows (samples skipped at build; evaluation never skips).
     """
     num_images, num_texts = int(reader.num_images), int(reader.num_texts)
+    image_valid = np.asarray(reader.image_valid, dtype=bool)
+    if not image_valid.all():
+        row = int(np.nonzero(~image_valid)[0][0])
+        raise DataError(
+            "decode_error",
+            key=str(reader.image_keys[row]),
+            detail=f"{int((~image_valid).sum())} image "
+            "row(s) of the cache are invalid (skipped at build); evaluation never skips a sample",
+        )
     txt2img = torch.as_tensor(reader.txt2img).long()
     image_emb = torch.as_tensor(reader.image_emb(torch.arange(num_images).numpy())).float()
     text_emb = torch.as_tensor(reader.text_emb(torch.arange(num_texts).numpy())).float()
@@ -436,19 +447,16 @@ def evaluate_cache(
 
 
 def _candidate_selection(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The candidate-selection record of a cache manifest (``force_positives``, ``candidate_source``), wherever the
-    build stored it (top level, ``candidates`` or ``config``)."""
+    """``force_positives`` and a non-own candidate source, from the manifest's ``fingerprint.candidates`` record
+    (``{"rule", "source": "own_itc" | "cache", "force_positives", ...}``, pipelines/build_cache.py)."""
+    fingerprint = manifest.get("fingerprint") or {}
+    record = fingerprint.get("candidates") or {}
     out: dict[str, Any] = {}
-    for where in (
-        manifest,
-        manifest.get("candidates") or {},
-        manifest.get("config") or {},
-        manifest.get("candidate_selection") or {},
-    ):
-        if isinstance(where, Mapping):
-            for name in ("force_positives", "candidate_source"):
-                if name in where and where[name]:
-                    out[name] = where[name]
+    if record.get("force_positives"):
+        out["force_positives"] = True
+    source = record.get("source", "own_itc")
+    if source != "own_itc":
+        out["candidate_source"] = (record.get("source_cache") or {}).get("teacher", {}).get("name") or source
     return out
 
 

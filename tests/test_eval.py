@@ -198,6 +198,7 @@ class FakeReader:
         flat = [c for caps in captions for c in caps]
         self.num_images, self.num_texts = rs.num_images, rs.num_texts
         self.image_keys = np.array(rs.image_keys)
+        self.image_valid = np.ones(rs.num_images, bool)
         self.txt2img = rs.txt2img.numpy().astype(np.int32)
         self._img, self._txt = rs.image_emb.half().numpy(), rs.text_emb.half().numpy()  # fp16 storage
         self._itm = teacher.itm_dense(images, flat)
@@ -245,6 +246,18 @@ def test_cache_eval_refusals():
     batches, images, captions = make_batches()
     with pytest.raises(CacheSchemaError, match="k=6"):
         evaluate_cache(FakeReader(teacher, batches, images, captions, k=6), k_test=8)
-    forced = FakeReader(teacher, batches, images, captions, k=6, manifest={"config": {"force_positives": True}})
+    forced = FakeReader(
+        teacher, batches, images, captions, k=6, manifest={"fingerprint": {"candidates": {"force_positives": True}}}
+    )
     with pytest.raises(CacheSchemaError, match="force_positives"):
         evaluate_cache(forced, k_test=4)
+    sourced = FakeReader(
+        teacher, batches, images, captions, k=6,
+        manifest={"fingerprint": {"candidates": {"source": "cache", "source_cache": {"teacher": {"name": "clip"}}}}},
+    )  # fmt: skip
+    with pytest.raises(CacheSchemaError, match="another cache \\('clip'\\)"):
+        evaluate_cache(sourced, k_test=4)
+    invalid = FakeReader(teacher, batches, images, captions, k=6)
+    invalid.image_valid[2] = False
+    with pytest.raises(DataError, match="s002"):
+        evaluate_cache(invalid, k_test=4)
