@@ -97,6 +97,27 @@ class EvalConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    work: str = ".work/demo"  # folder for shards, teachers, caches, runs, eval results and report.md
+    openclipart_root: str = ".work/openclipart"  # extracted Debian packages (fetched with apt-get when absent)
+    max_samples: int = 0  # 0 = every usable openclipart image; otherwise the first N (smaller, faster demo)
+    samples_per_shard: int = 500  # samples per shard tar
+    image_size_px: int = 256  # longest side of the re-encoded images in the shards
+    k: int = DEFAULT_K  # top-k candidates cached and used by the students (MCAD default 11)
+    build_batch_size: int = 64  # teacher batch size in build and eval
+    fused_dtype: str = "fp16"  # fused-feature storage in the single-stream cache
+    student: str = "demo_student"  # student config (mcad_cache/student/configs)
+    presets: tuple[str, ...] = ("mcad", "contrastive")  # students trained from the same init, same steps
+    steps: int = 300  # optimiser steps per student
+    batch_size: int = 32  # pairs per step
+    lr: float = 3e-4  # peak AdamW learning rate
+    warmup_steps: int = 20  # linear warmup steps
+    workers: int = 2  # DataLoader worker processes
+    seed: int = 0  # one seed for data split, init, shuffling
+    loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset
+
+
 def _coerce(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple and isinstance(value, (list, tuple)):
@@ -133,8 +154,10 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
     resolved = {k: _coerce(hints[k], v) for k, v in values.items()}
     for key, value in resolved.items():
         default = getattr(cls, key, None) if not isinstance(getattr(cls, key, None), dataclasses.Field) else None
-        if default is not None and not isinstance(value, type(default)) and not (
-            isinstance(default, float) and isinstance(value, int)
+        if (
+            default is not None
+            and not isinstance(value, type(default))
+            and not (isinstance(default, float) and isinstance(value, int))
         ):
             raise ValueError(f"{cls.__name__}.{key}: expected {type(default).__name__}, got {value!r}")
     return cls(**resolved)
