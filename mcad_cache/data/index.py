@@ -183,6 +183,17 @@ class ShardIndex:
         f.seek(member.offset)
         return f.read(member.size)
 
+    def read_bytes(self, key: str, ext: str) -> bytes:
+        """The raw bytes of member ``KEY.<ext>`` (e.g. ``"json"`` for the sample's metadata).
+
+        Raises:
+            KeyError: unknown key or no such member.
+        """
+        entry = self.entry(key)
+        if ext not in entry.members:
+            raise KeyError(f"sample {key!r} in {entry.shard} has no .{ext} member (has {sorted(entry.members)})")
+        return self._read(entry.shard, entry.members[ext])
+
     def read_image_bytes(self, key: str) -> bytes:
         """The encoded image file of ``key`` (decode it with :func:`mcad_cache.data.decode.decode_image`).
 

@@ -119,7 +119,8 @@ def sha256_file(path: str | Path) -> str:
 class SplitShardWriter:
     """One ``webdataset.ShardWriter`` per split, opened on that split's first sample, into ``OUT/<split>/``.
 
-    Old ``shard-*.tar`` files of a split are removed when its writer opens, so a rerun never leaves stale shards.
+    Old ``OUT/*/shard-*.tar`` files (of any split) are removed at construction, so a rerun never leaves stale
+    shards beside the new ones.
 
     Args:
         out_dir: output folder.
@@ -133,6 +134,11 @@ class SplitShardWriter:
         self.samples_per_shard = samples_per_shard
         self._writers: dict[str, wds.ShardWriter] = {}
         self._counts: dict[str, Counter[str]] = {}
+        stale = sorted(self.out_dir.glob("*/shard-*.tar"))
+        if stale:
+            _logger.info("removing %d shard(s) of an earlier import under %s", len(stale), self.out_dir)
+        for old in stale:
+            old.unlink()
 
     def write(self, split: str, key: str, image: bytes, image_ext: str, meta: dict[str, Any]) -> None:
         """Write one sample: ``KEY.<image_ext>`` and ``KEY.json`` (``meta`` must hold ``"captions"``)."""
@@ -140,8 +146,6 @@ class SplitShardWriter:
         if writer is None:
             folder = self.out_dir / split
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob("shard-*.tar"):
-                old.unlink()
             writer = wds.ShardWriter(
                 str(folder / SHARD_PATTERN), maxcount=self.samples_per_shard, verbose=0, encoder=False, mtime=0
             )

@@ -120,12 +120,16 @@ def name_words(stem: str, *, creator: str = "") -> str:
         tokens += [t for t in _ALNUM_BOUNDARY.sub(" ", part).split() if t]
     creator_words = [w.lower() for w in _WORD.findall(_EMAIL.sub(" ", creator))]
     kept = []
+    after_creator = False
     for t in tokens:
         low = t.lower()
         if low.isdigit():
             continue
-        if any(c == low or (len(low) >= 3 and c.startswith(low)) for c in creator_words):
+        # The creator's words, their prefixes of 3+ letters, or any prefix right after one (a truncated surname).
+        if any(c == low or ((len(low) >= 3 or after_creator) and c.startswith(low)) for c in creator_words):
+            after_creator = True
             continue
+        after_creator = False
         kept.append(low)
     while kept and len(kept[-1]) == 1 and len(kept) > 1:  # a dangling initial left by a truncated name
         kept.pop()
@@ -191,9 +195,11 @@ def build_captions(
 
 
 def _same_words(a: str, b: str) -> bool:
-    """Case- and punctuation-insensitive equality, or one a prefix of the other (file names truncate titles)."""
+    """Case- and punctuation-insensitive equality, or a prefix of 12+ characters (the Debian file names truncate
+    titles at 24 characters, e.g. "hotel icon in room phon")."""
     wa, wb = " ".join(re.findall(r"\w+", a.lower())), " ".join(re.findall(r"\w+", b.lower()))
-    return wa == wb or wa.startswith(wb) or wb.startswith(wa)
+    short, long = sorted((wa, wb), key=len)
+    return wa == wb or (len(short) >= 12 and long.startswith(short))
 
 
 def frequent_values(values: list[str], *, min_count: int = COLLECTION_MIN_COUNT) -> set[str]:
@@ -283,7 +289,12 @@ class ClipartItem:
 
 
 def list_items(
-    data_dir: Path, *, seed: int, stats: Counter[str], drops: list[tuple[str, str, str]]
+    data_dir: Path,
+    *,
+    seed: int,
+    stats: Counter[str],
+    drops: list[tuple[str, str, str]],
+    collection_min_count: int = COLLECTION_MIN_COUNT,
 ) -> list[ClipartItem]:
     """Read every SVG's metadata, build captions and splits. Dropped images go to ``drops`` as (reason, key, detail).
 
@@ -297,8 +308,8 @@ def list_items(
     stats["emails_in_metadata"] += sum(
         1 for m in metas if any(_EMAIL.search(t) for t in (m.title, m.description, m.creator, *m.keywords))
     )
-    frequent_titles = frequent_values([m.title for m in metas])
-    frequent_desc = frequent_values([m.description for m in metas])
+    frequent_titles = frequent_values([m.title for m in metas], min_count=collection_min_count)
+    frequent_desc = frequent_values([m.description for m in metas], min_count=collection_min_count)
     stats["collection_titles"] = len(frequent_titles)
     items: list[ClipartItem] = []
     used_keys: set[str] = set()
@@ -324,7 +335,9 @@ def list_items(
     return items
 
 
-def load_openclipart(root: str | Path, *, seed: int, report: ImportReport) -> list[ImportItem]:
+def load_openclipart(
+    root: str | Path, *, seed: int, report: ImportReport, collection_min_count: int = COLLECTION_MIN_COUNT
+) -> list[ImportItem]:
     """Fetch (if needed) and read the Open Clip Art Library into import items, in a fixed hash order.
 
     Drops (``no_informative_caption``, ``missing_image``) and field statistics go into ``report``.
@@ -335,7 +348,7 @@ def load_openclipart(root: str | Path, *, seed: int, report: ImportReport) -> li
     data_dir = fetch_openclipart(root)
     stats: Counter[str] = Counter()
     drops: list[tuple[str, str, str]] = []
-    clip_items = list_items(data_dir, seed=seed, stats=stats, drops=drops)
+    clip_items = list_items(data_dir, seed=seed, stats=stats, drops=drops, collection_min_count=collection_min_count)
     report.num_candidates += len(clip_items) + len(drops)
     for reason, key, detail in drops:
         report.drop(reason, key, detail)
@@ -346,7 +359,7 @@ def load_openclipart(root: str | Path, *, seed: int, report: ImportReport) -> li
         "val_fraction": VAL_FRACTION,
         "seed": seed,
     }
-    report.extra["collection_min_count"] = COLLECTION_MIN_COUNT
+    report.extra["collection_min_count"] = collection_min_count
     report.extra["data_dir"] = str(data_dir)
     return [
         ImportItem(
