@@ -180,8 +180,8 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
         "protocol": next(iter(results.values()))["protocol"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
+    summary["report"] = str(write_report(work, summary))
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(work, summary)
     return summary
 
 
