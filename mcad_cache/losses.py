@@ -780,6 +780,12 @@ class MCADLoss(nn.Module):
         Raises:
             ValueError: a needed input is None, or shapes disagree.
         """
+        # Everything in float32, also inside a bf16/fp16 autocast region of the training step: autocast would
+        # otherwise run the similarity matmuls and the heads in low precision.
+        with torch.autocast(device_type=student.image_emb.device.type, enabled=False):
+            return self._forward_fp32(student, teacher)
+
+    def _forward_fp32(self, student: StudentOutputs, teacher: TeacherTargets) -> dict[str, Tensor]:
         cfg = self.config
         out: dict[str, Tensor] = {}
         img = student.image_emb.float()

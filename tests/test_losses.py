@@ -466,3 +466,15 @@ def test_full_mcad_preset_gives_every_student_and_loss_parameter_a_finite_gradie
     # The heads and the integration module really learn: non-zero gradients.
     assert all(p.grad.abs().sum() > 0 for _, p in loss_fn.named_parameters())
     assert model.log_logit_scale.grad.abs() > 0
+
+
+def test_losses_are_float32_inside_a_bf16_autocast_region():
+    g = _gen(15)
+    loss_fn = _loss(preset("mcad", gate_init=0.2))
+    student, teacher = _student(g, requires_grad=False), _teacher(g)
+    ref = loss_fn(student, teacher)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = loss_fn(student, teacher)
+    for key, value in ref.items():
+        assert got[key].dtype == torch.float32
+        assert got[key].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), key
