@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -279,20 +278,29 @@ def test_cli_build_then_inspect_check(shards, tmp_path):
     g["i2t_idx"][0:4] = np.full((4, 3), 999, np.int32)
     res = runner.invoke(app, ["inspect", str(out), "--check"])
     assert res.exit_code == 1 and "i2t_idx" in res.output
-    # a rerun says there is nothing to do
-    res = runner.invoke(
-        app,
-        [
-            "build",
-            "--teacher",
-            "fake",
-            "--data",
-            str(shard_dir / "shard-*.tar"),
-            "--out",
-            str(tmp_path / "missing" / "c.zarr"),
-            "--k",
-            "0",
-        ],
-    )
-    assert res.exit_code != 0
-    assert os.path.exists(out)
+    # the same build again is a no-op that says so; a different one is refused with a diff
+    args = [
+        "build",
+        "--teacher",
+        "fake",
+        "--data",
+        str(shard_dir / "shard-*.tar"),
+        "--out",
+        str(out),
+        "--k",
+        "3",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--model",
+        "single",
+        "--fused-dtype",
+        "int8",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    res = runner.invoke(app, [*args[:-1], "fp16"])
+    assert res.exit_code == 1 and "storage.fused_dtype: cache has" in res.output

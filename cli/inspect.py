@@ -1,0 +1,122 @@
+"""``mcad-cache inspect CACHE [--check] [--json]``: manifest, arrays, bytes per sample, statistics, skip counts."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from mcad_cache.cli.app import app, call_pipeline, console
+from rich.table import Table
+
+from mcad_cache.cache.store import check_cache, describe_cache, open_cache
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _inspect(path: str, check: bool) -> tuple[dict[str, Any], list[str] | None]:
+    reader = open_cache(path)
+    return describe_cache(reader), (check_cache(reader) if check else None)
+
+
+@app.command("inspect")
+def inspect(
+    cache: Annotated[str, typer.Argument(help="cache directory (Zarr v3 store)")],
+    check: Annotated[bool, typer.Option("--check", help="verify the cache; exit 1 on any problem")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the description (and problems) as JSON")] = False,
+) -> None:
+    """Show a cache's manifest, array shapes and dtypes, bytes per sample, value statistics and skip counts.
+
+    With --check, verify finiteness, id ranges, validity masks, key uniqueness and maps; exit 1 on any problem.
+    """
+    desc, problems = call_pipeline(_inspect, cache, check)
+    if json_out:
+        typer.echo(json.dumps({**desc, "problems": problems}, indent=2, default=str))
+    else:
+        _print(desc)
+        if problems is not None:
+            if problems:
+                console.print(f"[red]check: {len(problems)} problem(s)[/red]")
+                for line in problems:
+                    console.print(f"  - {line}", highlight=False, soft_wrap=True)
+            else:
+                console.print("[green]check: OK[/green]")
+    if problems:
+        raise typer.Exit(code=1)
+
+
+def _print(desc: dict[str, Any]) -> None:
+    m = desc["manifest"]
+    fp = m.get("fingerprint", {})
+    teacher = fp.get("teacher", {})
+    lay = m.get("layout", {})
+    head = Table(title=f"cache {desc['path']}", show_header=False)
+    head.add_column("field")
+    head.add_column("value")
+    rows = [
+        ("complete", str(m.get("complete"))),
+        ("schema version", str(m.get("schema_version"))),
+        (
+            "teacher",
+            f"{teacher.get('name')} ({lay.get('kind')}), weights sha256 {str(teacher.get('weights_sha256'))[:16]}…",
+        ),
+        ("logit_scale", f"{m.get('logit_scale')}"),
+        ("k", str(lay.get("k"))),
+        ("candidates", json.dumps({k: v for k, v in fp.get("candidates", {}).items() if k != "rule"})),
+        ("storage", json.dumps(fp.get("storage", {}))),
+        ("precision", str(fp.get("precision"))),
+        ("preprocess", json.dumps(fp.get("preprocess", {}))),
+        ("tokenizer", json.dumps(fp.get("tokenizer", {}))),
+        ("shards", f"{len(m.get('shards', []))}"),
+        ("images / valid", f"{lay.get('num_images')} / {desc['stats'].get('valid_images')}"),
+        ("texts / valid", f"{lay.get('num_texts')} / {desc['stats'].get('valid_texts')}"),
+        ("code version", str(m.get("build", {}).get("code_version"))),
+        ("started / finished", f"{m.get('started_at')} / {m.get('finished_at')}"),
+        ("stored bytes", _fmt_bytes(desc["stored_bytes"])),
+        ("bytes per sample", _fmt_bytes(desc["bytes_per_sample"])),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    console.print(head, soft_wrap=True)
+    arrays = Table(title="arrays")
+    for col in ("name", "dims", "shape", "dtype", "chunks", "shards", "stored"):
+        arrays.add_column(col)
+    for name, a in desc["arrays"].items():
+        arrays.add_row(
+            name,
+            ",".join(a["dims"]),
+            str(tuple(a["shape"])),
+            a["dtype"],
+            str(tuple(a["chunks"])),
+            str(tuple(a["shards"])) if a["shards"] else "",
+            _fmt_bytes(a["stored_bytes"]),
+        )
+    console.print(arrays)
+    stats = Table(title="statistics (valid rows)")
+    stats.add_column("name")
+    stats.add_column("value")
+    for k, v in desc["stats"].items():
+        text = (
+            ", ".join(f"{kk} {vv:.4f}" for kk, vv in v.items())
+            if isinstance(v, dict)
+            else (f"{v:.4f}" if isinstance(v, float) else str(v))
+        )
+        stats.add_row(k, text)
+    console.print(stats)
+    skips = m.get("skips", {})
+    table = Table(title=f"skipped samples: {skips.get('num_skipped', 0)}")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    table.add_column("examples (shard, key)")
+    examples: dict[str, list[str]] = {}
+    for shard, key, reason in skips.get("examples", []):
+        examples.setdefault(reason, []).append(f"{shard}:{key}")
+    for reason, n in sorted(skips.get("counts", {}).items()):
+        table.add_row(reason, str(n), ", ".join(examples.get(reason, [])[:3]))
+    console.print(table)
