@@ -183,7 +183,13 @@ def test_expand_shards_braces_globs_dedup(tmp_path):
 def test_decode_images_false_yields_bytes(tmp_path):
     path = _three_samples(tmp_path)
     s = next(iter_samples(str(path), decode_images=False))
-    assert isinstance(s.image, bytes) and s.image.startswith(b"\x89PNG")
+    assert isinstance(s.image, bytes) and s.image.startswith(b"\x89PNG") and s.source_mode == "RGB"
+
+
+def test_decode_images_false_still_checks_headers(bad_shards):
+    a, _ = bad_shards
+    got = {s.key: s.skip for s in iter_samples(str(a), decode_images=False)}
+    assert got["huge"] == "too_many_pixels" and got["thin"] == "extreme_aspect" and got["corrupt"] == "decode_error"
 
 
 def _to_tensor(im):

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mcad_cache.data.captions import CAPTION_EXTENSIONS, parse_captions
-from mcad_cache.data.decode import DecodePolicy, decode_image_with_header
+from mcad_cache.data.decode import DecodePolicy, decode_image_with_header, probe_image
 from mcad_cache.data.index import IMAGE_EXTENSIONS, Member, ShardScan, read_member, scan_shard
 from mcad_cache.data.skips import SKIP_REASONS, SampleSkip
 from mcad_cache.errors import DataError
@@ -154,7 +154,8 @@ def _read_sample(shard: str, key: str, members: list[Member], policy: DecodePoli
         if decode_images:
             image, header = decode_image_with_header(data, policy=policy)
             return Sample(key, shard, image, captions, source_mode=header.mode)
-        return Sample(key, shard, data, captions)
+        header = probe_image(data, policy=policy)  # header-level checks only: format, size limits
+        return Sample(key, shard, data, captions, source_mode=header.mode)
     except SampleSkip as skip:
         return _skipped(key, shard, skip.reason, skip.detail)
 
@@ -215,7 +216,8 @@ def iter_samples(
         shards: paths, globs or brace patterns (:func:`expand_shards`).
         policy: decode policy (default ``DecodePolicy()``).
         strict: raise on the first skipped sample instead of yielding it.
-        decode_images: decode images to RGB (True) or yield the encoded bytes (False).
+        decode_images: decode images to RGB (True) or yield the encoded bytes (False; the header is still read, so
+            ``too_many_pixels``, ``extreme_aspect`` and unreadable headers are caught, but not corrupt pixel data).
         key_owner: cross-shard duplicate check. None (default): keys are tracked across the shards read here, the
             first occurrence wins. Pass a precomputed mapping to share one decision between workers.
     Yields:
