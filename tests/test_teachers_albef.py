@@ -406,3 +406,51 @@ def test_tiny_albef_under_bf16_autocast_on_cuda(tiny_albef_teacher, tiny_bert_to
     assert image_emb.dtype == itm_logits.dtype == fused_cls.dtype == torch.float32
     torch.testing.assert_close(image_emb.cpu(), tiny_albef_teacher.encode_image(images), rtol=0.05, atol=0.05)
     torch.testing.assert_close(itm_logits.cpu(), tiny_albef_teacher.itm(images, tokens)[0], rtol=0.1, atol=0.1)
+
+
+def test_timm_cnn_vision_encoder_round_trip(tiny_bert_tokenizer_dir, tmp_path):
+    # The offline demo teacher's variant: a timm CNN trunk whose pooled map plays [CLS] (docs/architecture.md).
+    cfg = {
+        "image_res": 32,
+        "vision_encoder": "timm_cnn",
+        "timm_model_name": "tf_efficientnet_lite0",
+        "vision_width": 1280,
+        "embed_dim": 16,
+        "max_length": 12,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "bert": {
+            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "max_position_embeddings": 32, "fusion_layer": 1, "encoder_width": 1280,
+        },
+    }  # fmt: skip
+    t = create_teacher("albef", model=cfg, tokenizer=str(tiny_bert_tokenizer_dir), device="cpu")
+    assert t.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and t.preprocess_cfg["image_size"] == 32
+    images, tokens = _images(2, 32), t.tokenize(CAPTIONS[:2])
+    image_tokens = t.image_tokens(images)
+    assert image_tokens.shape == (2, 1 + 1 * 1, 1280)  # 32 px / stride 32 -> a 1x1 map
+    torch.testing.assert_close(image_tokens[:, 0], image_tokens[:, 1:].mean(1))
+    # Saved under ALBEF's retrieval key layout (+ momentum copies and a queue), loaded back: identical outputs.
+    sd = dict(t.model.state_dict())
+    sd.update(
+        {
+            k.replace("visual_encoder.", "visual_encoder_m.", 1): v
+            for k, v in sd.items()
+            if k.startswith("visual_encoder.")
+        }
+    )
+    sd["image_queue"] = torch.zeros(16, 4)
+    torch.save({"model": sd}, tmp_path / "cnn.pth")
+    loaded = create_teacher(
+        "albef", model=cfg, pretrained=str(tmp_path / "cnn.pth"), tokenizer=str(tiny_bert_tokenizer_dir), seed=7,
+        device="cpu",
+    )  # fmt: skip
+    assert torch.equal(loaded.encode_image(images), t.encode_image(images))
+    assert torch.equal(loaded.itm(images, tokens)[0], t.itm(images, tokens)[0])
+    assert loaded.load_report.to_dict()["ignored_counts"] == {
+        "momentum": sum(k.startswith("visual_encoder.") for k in sd),
+        "queue": 1,
+    }
+    with pytest.raises(ValueError, match="num_features"):
+        bad = {**cfg, "vision_width": 64, "bert": {**cfg["bert"], "encoder_width": 64}}
+        create_teacher("albef", model=bad, tokenizer=str(tiny_bert_tokenizer_dir))

@@ -17,6 +17,11 @@ ALBEF (Li et al., "Align before Fuse", NeurIPS 2021; code: github.com/salesforce
   attended); ``fused_cls`` is the fused [CLS] state and ``itm_logits = itm_head(fused_cls)`` ([no-match, match];
   the positive class is index 1, as ALBEF's ``itm_labels``).
 
+Variant (our addition, for the offline demo teacher): ``"vision_encoder": "timm_cnn"`` replaces the ViT by a timm
+CNN trunk (``timm.create_model(timm_model_name, num_classes=0, global_pool="")``, parameters under
+``visual_encoder.*``); its feature map becomes ``[mean over positions, positions...]`` so the pooled map plays [CLS].
+No position embedding, so no interpolation; ``image_mean`` / ``image_std`` in the config set the preprocessing.
+
 Checkpoints: ``.pth`` files holding ``{"model": state_dict, ...}`` with ALBEF's original key names, both the
 pre-training layout (``text_encoder.bert.*``, plus an MLM head ``text_encoder.cls.*``) and the retrieval fine-tuned
 layout (``text_encoder.*``). Momentum copies (``*_m.*``), queues, the MLM head and BERT's ``position_ids`` buffer are
@@ -39,6 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
@@ -94,6 +100,10 @@ class AlbefConfig:
     hidden_act: str = "gelu"
     pad_token_id: int = 0
     fusion_layer: int = 6  # first layer with cross-attention (layers [fusion_layer, num_hidden_layers) fuse)
+    vision_encoder: str = "vit"  # "vit" (ALBEF's) | "timm_cnn" (a timm CNN trunk; the offline demo teacher)
+    timm_model_name: str | None = None  # "timm_cnn": the timm model name (e.g. "tf_efficientnet_lite0")
+    image_mean: tuple[float, float, float] | None = None  # per-channel mean for preprocess_cfg (None: ALBEF's)
+    image_std: tuple[float, float, float] | None = None  # per-channel std for preprocess_cfg (None: ALBEF's)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AlbefConfig:
@@ -119,6 +129,9 @@ class AlbefConfig:
         unknown = sorted((set(flat) | set(bert)) - names)
         if unknown:
             raise ValueError(f"unknown ALBEF config keys {unknown}; known: {sorted(names)}")
+        for k in ("image_mean", "image_std"):
+            if flat.get(k) is not None:
+                flat[k] = tuple(float(v) for v in flat[k])
         cfg = cls(**{**flat, **bert})
         if encoder_width is not None and int(encoder_width) != cfg.vision_width:
             raise ValueError(f"bert.encoder_width {encoder_width} != vision_width {cfg.vision_width}")
@@ -127,9 +140,19 @@ class AlbefConfig:
 
     def validate(self) -> None:
         """Raises ValueError on sizes that cannot form a model."""
-        if self.image_res % self.patch_size:
+        if self.vision_encoder not in ("vit", "timm_cnn"):
+            raise ValueError(f"vision_encoder must be 'vit' or 'timm_cnn', got {self.vision_encoder!r}")
+        if self.vision_encoder == "timm_cnn" and not self.timm_model_name:
+            raise ValueError("vision_encoder 'timm_cnn' needs timm_model_name")
+        for k in ("image_mean", "image_std"):
+            v = getattr(self, k)
+            if v is not None and len(v) != 3:
+                raise ValueError(f"{k} must be 3 numbers, got {v!r}")
+        if self.vision_encoder == "vit" and self.image_res % self.patch_size:
             raise ValueError(f"image_res {self.image_res} is not a multiple of patch_size {self.patch_size}")
-        if self.vision_width % self.vision_heads or self.hidden_size % self.num_attention_heads:
+        if (self.vision_encoder == "vit" and self.vision_width % self.vision_heads) or (
+            self.hidden_size % self.num_attention_heads
+        ):
             raise ValueError("widths must be multiples of their head counts")
         if not 0 <= self.fusion_layer <= self.num_hidden_layers:
             raise ValueError(f"fusion_layer {self.fusion_layer} outside [0, {self.num_hidden_layers}]")
@@ -139,7 +162,11 @@ class AlbefConfig:
             raise ValueError(f"max_length {self.max_length} > max_position_embeddings {self.max_position_embeddings}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k in ("image_mean", "image_std"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,18 +311,28 @@ class AlbefModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.visual_encoder = VisionTransformer(
-            img_size=cfg.image_res,
-            patch_size=cfg.patch_size,
-            embed_dim=cfg.vision_width,
-            depth=cfg.vision_depth,
-            num_heads=cfg.vision_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=True,
-            norm_layer=partial(nn.LayerNorm, eps=cfg.vision_eps),
-            num_classes=0,
-            global_pool="token",
-        )
+        if cfg.vision_encoder == "timm_cnn":
+            self.visual_encoder = timm.create_model(
+                cfg.timm_model_name, pretrained=False, num_classes=0, global_pool=""
+            )
+            if self.visual_encoder.num_features != cfg.vision_width:
+                raise ValueError(
+                    f"vision_width {cfg.vision_width} != {cfg.timm_model_name}'s num_features "
+                    f"{self.visual_encoder.num_features}"
+                )
+        else:
+            self.visual_encoder = VisionTransformer(
+                img_size=cfg.image_res,
+                patch_size=cfg.patch_size,
+                embed_dim=cfg.vision_width,
+                depth=cfg.vision_depth,
+                num_heads=cfg.vision_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=cfg.vision_eps),
+                num_classes=0,
+                global_pool="token",
+            )
         self.text_encoder = AlbefTextEncoder(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
@@ -316,8 +353,16 @@ class AlbefModel(nn.Module):
                     nn.init.zeros_(mod.bias)
 
     def image_tokens(self, images: Tensor) -> Tensor:
-        """images [B, 3, R, R] -> image_tokens [B, 1 + (R / P)^2, C_v] (ViT output after the final norm)."""
-        return self.visual_encoder.forward_features(images)
+        """images [B, 3, R, R] -> image_tokens [B, 1 + (R / P)^2, C_v] (ViT output after the final norm).
+
+        With ``vision_encoder == "timm_cnn"``: the trunk's feature map [B, C_v, h, w] as ``[mean over positions,
+        position 1, ..., position h*w]`` -> [B, 1 + h*w, C_v] (the pooled map plays [CLS]; our choice for the
+        offline demo teacher, not ALBEF's)."""
+        out = self.visual_encoder.forward_features(images)
+        if self.cfg.vision_encoder == "timm_cnn":
+            tokens = out.flatten(2).transpose(1, 2)
+            out = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,9 +512,9 @@ def load_albef_state_dict(
         raise CheckpointError(
             f"{source}: missing required key(s) {missing[:20]}" + (" ..." if len(missing) > 20 else "")
         )
-    pe = mapped["visual_encoder.pos_embed"]
-    target = expected["visual_encoder.pos_embed"]
-    if pe.shape != target.shape:
+    pe = mapped.get("visual_encoder.pos_embed")
+    target = expected.get("visual_encoder.pos_embed")
+    if pe is not None and target is not None and pe.shape != target.shape:
         num_patches = target.shape[1] - 1
         mapped["visual_encoder.pos_embed"] = interpolate_pos_embed(pe, num_patches=num_patches)
         report.pos_embed_resized = (pe.shape[1] - 1, num_patches)
@@ -551,8 +596,8 @@ class AlbefTeacher(BaseTeacher):
             "resize_mode": "squash",
             "crop": None,
             "interpolation": "bicubic",
-            "mean": list(ALBEF_MEAN),
-            "std": list(ALBEF_STD),
+            "mean": list(self.cfg.image_mean or ALBEF_MEAN),
+            "std": list(self.cfg.image_std or ALBEF_STD),
         }
         self.tokenizer_cfg = {
             "name": tokenizer_name,
@@ -716,7 +761,7 @@ def create_albef_teacher(
     overrides: dict[str, Any] = {}
     if image_res is not None:
         overrides["image_res"] = int(image_res)
-    elif state_dict is not None:
+    elif state_dict is not None and cfg.vision_encoder == "vit":
         overrides["image_res"] = infer_checkpoint_image_res(state_dict, patch_size=cfg.patch_size)
     if max_length is not None:
         overrides["max_length"] = int(max_length)
