@@ -38,8 +38,10 @@ def _png(color: tuple[int, int, int], size: int = 32) -> bytes:
 
 
 def write_shards(folder: Path, *, num_shards: int = 2, per_shard: int = 6) -> dict[str, dict]:
-    """Shards of coloured 32 px PNGs with 1-3 captions; one corrupt image (decode_error, keeps an invalid row) and one
-    sample without captions (missing_caption, gets no row). Returns key -> {"png", "captions"} of the good samples."""
+    """Shards of coloured 32 px PNGs with 1-3 captions, and three bad samples: a truncated PNG (its header is fine, so
+    it fails only when decoded in pass 1: decode_error, keeps an invalid row), bytes that are no image at all and a
+    sample without captions (both found in pass 0 from headers: no row). Returns key -> {"png", "captions"} of the
+    samples that get a row."""
     folder.mkdir(parents=True, exist_ok=True)
     names = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey", "pink", "cyan", "brown"]
     truth = {}
@@ -53,11 +55,13 @@ def write_shards(folder: Path, *, num_shards: int = 2, per_shard: int = 6) -> di
                 caps = [f"a {name} square {j}" for j in range(CAPTION_COUNTS[n % 3])]
                 sample = {"__key__": key, "png": _png(color), "json": json.dumps({"captions": caps}).encode()}
                 if n == 4:
-                    sample["png"] = b"this is not an image"
+                    sample["png"] = sample["png"][: len(sample["png"]) // 2]
                 if n == 7:
                     del sample["json"]
+                if n == 10:
+                    sample["png"] = b"this is not an image"
                 tw.write(sample)
-                if n != 7:
+                if n not in (7, 10):
                     truth[key] = {"png": sample["png"], "captions": caps}
                 n += 1
     return truth
@@ -94,7 +98,7 @@ def test_dual_build_values_maps_and_skips(shards, tmp_path):
     result = run(_config(shard_dir, tmp_path / "c.zarr"))
     assert result.status == "built"
     r = open_cache(tmp_path / "c.zarr").require(expect={"teacher": {"name": "fake"}, "k": 3})
-    assert r.kind == "dual" and r.num_images == 11 and r.logit_scale == 50.0
+    assert r.kind == "dual" and r.num_images == 10 and r.logit_scale == 50.0
     keys = [str(k) for k in r.image_keys.tolist()]
     assert keys == sorted(truth)  # shards in sorted order, tar order inside
     counts = np.diff(r.img2txt_offsets)
@@ -106,8 +110,13 @@ def test_dual_build_values_maps_and_skips(shards, tmp_path):
     assert not r.image_valid[bad] and not r.text_valid[r.img2txt(bad)].any()
     assert r.array("image_skip")[bad] > 0
     skips = r.manifest["skips"]["counts"]
-    assert skips == {"missing_caption": 1, "decode_error": 1}
-    assert ["shard-001.tar", "00007", "missing_caption"] in r.manifest["skips"]["examples"]
+    assert skips == {"missing_caption": 1, "decode_error": 2}
+    for example in (
+        ["shard-001.tar", "00007", "missing_caption"],
+        ["shard-001.tar", "00010", "decode_error"],
+        ["shard-000.tar", "00004", "decode_error"],
+    ):
+        assert example in r.manifest["skips"]["examples"]
     # embeddings equal the teacher's on the teacher's own transform (stored fp16)
     teacher = FakeTeacher(kind="dual")
     transform = make_image_transform(teacher.preprocess_cfg)
