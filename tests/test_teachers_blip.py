@@ -126,3 +126,20 @@ def test_blip_under_bf16_autocast_on_cuda(blip, tiny_blip_dir):
         itm_logits, fused_cls = t.itm(images, tokens)
     assert image_emb.dtype == itm_logits.dtype == fused_cls.dtype == torch.float32
     torch.testing.assert_close(itm_logits.cpu(), blip.itm(images, tokens)[0], rtol=0.1, atol=0.1)
+
+
+def test_folder_without_processor_files(tmp_path, tiny_blip_dir, tiny_bert_tokenizer_dir):
+    # Model weights + a tokenizer only: the image processor comes from the config's image size (32 px squash).
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_blip_dir / name, tmp_path / name)
+    for f in tiny_bert_tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    t = create_teacher("blip", pretrained=str(tmp_path), device="cpu", local_files_only=True)
+    assert t.preprocess_cfg["image_size"] == 32 and t.preprocess_cfg["resize_mode"] == "squash"
+    assert t.itm_first_token == "cls"
+    reference = create_teacher("blip", pretrained=str(tiny_blip_dir), device="cpu", local_files_only=True)
+    images = _images(2, 32)
+    assert torch.equal(t.encode_image(images), reference.encode_image(images))
