@@ -478,3 +478,37 @@ def test_losses_are_float32_inside_a_bf16_autocast_region():
     for key, value in ref.items():
         assert got[key].dtype == torch.float32
         assert got[key].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), key
+
+
+def test_free_student_embeddings_descend_every_mcad_term():
+    # Sign / wiring check: free student embeddings optimised on the full mcad loss lower every student-side term.
+    g = _gen(16)
+    teacher = _teacher(g, with_invalid=True)
+    teacher.clip_logit_scale = 20.0
+    raw = [torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)]
+    raw += [torch.randn(B, K, D, generator=g), torch.randn(B, K, D, generator=g)]
+    for t in raw:
+        t.requires_grad_()
+    log_scale = torch.tensor(math.log(20.0), requires_grad=True)
+    loss_fn = _loss(preset("mcad"))
+    opt = torch.optim.Adam([*raw, log_scale, *loss_fn.parameters()], lr=0.1)
+
+    def run() -> dict[str, torch.Tensor]:
+        s = StudentOutputs(
+            image_emb=F.normalize(raw[0], dim=-1),
+            text_emb=F.normalize(raw[1], dim=-1),
+            logit_scale=log_scale.exp(),
+            topk_text_emb=F.normalize(raw[2], dim=-1),
+            topk_image_emb=F.normalize(raw[3], dim=-1),
+        )
+        return loss_fn(s, teacher)
+
+    first = {k: v.item() for k, v in run().items()}
+    for _ in range(50):
+        out = run()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    last = {k: v.item() for k, v in run().items()}
+    for key in ("kd_i2t_loss", "kd_t2i_loss", "topk_i2t_loss", "topk_t2i_loss", "feat_loss", "integration_loss"):
+        assert last[key] < 0.5 * first[key], (key, first[key], last[key])

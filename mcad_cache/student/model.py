@@ -331,7 +331,7 @@ class DualEncoder(nn.Module):
     def saved_config(self) -> StudentConfig:
         """The config a checkpoint records: weights paths dropped, the text tower's full config inlined, so loading
         needs neither the original weight files nor the original text-model folder."""
-        text_config = self.text_tower.config.to_dict()
+        text_config = self.text_tower.config.to_diff_dict()
         for key in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
             text_config.pop(key, None)
         return dataclasses.replace(self.config, image_pretrained="", text_model="", text_config=text_config)
