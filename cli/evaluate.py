@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,19 +20,20 @@ def _user_error(err: Exception) -> typer.Exit:
 
 
 def _metrics_table(title: str, rows: list[dict]) -> Table:
-    table = Table(title=title)
-    table.add_column("model")
+    """Model | i2t R@1 R@5 R@10 | t2i R@1 R@5 R@10 | RSUM | score (percent, 1 decimal); counts in the caption."""
+    table = Table(title=title, padding=(0, 1))
+    table.add_column("model", overflow="fold")
     for c in _COLUMNS:
-        table.add_column(c, justify="right")
-    table.add_column("images", justify="right")
-    table.add_column("captions", justify="right")
-    table.add_column("score")
+        direction, _, k = c.partition("_")
+        table.add_column(c.upper() if c == "rsum" else (f"{direction} {k}" if k == "R@1" else k), justify="right")
+    table.add_column("score", overflow="fold")
+    counts = set()
     for r in rows:
         m, p = r["metrics"], r["protocol"]
-        table.add_row(
-            str(r.get("name", r.get("model"))), *(f"{m[c]:.2f}" for c in _COLUMNS), str(p["num_images"]),
-            str(p["num_captions"]), str(p.get("score", "")),
-        )  # fmt: skip
+        counts.add((p["num_images"], p["num_captions"]))
+        score = str(p.get("score_short", p.get("score", "")))
+        table.add_row(str(r.get("name", r.get("model"))), *(f"{m[c]:.1f}" for c in _COLUMNS), score)
+    table.caption = "; ".join(f"{i} images, {t} captions" for i, t in sorted(counts)) + "; ties count against"
     return table
 
 
@@ -79,7 +81,7 @@ def eval_(
     )  # fmt: skip
     for notice in result["notices"]:
         console.print(f"[yellow]notice:[/yellow] {notice}", highlight=False)
-    console.print(_metrics_table(f"eval -> {result['out']}", [result | {"name": result["model"]}]))
+    console.print(_metrics_table(f"eval -> {result['out']}", [result | {"name": Path(result["model"]).name}]))
 
 
 @app.command("compare")
@@ -91,6 +93,10 @@ def compare(
 
     try:
         rows = pipeline.load_results(results)
+        names = [Path(r).name.removesuffix(".json") or r for r in results]
+        if len(set(names)) < len(names):  # same folder names: show the full paths
+            names = list(results)
+        rows = [row | {"name": name} for row, name in zip(rows, names, strict=True)]
     except (ValueError, FileNotFoundError) as err:
         raise _user_error(err) from err
     console.print(_metrics_table("compare", rows))

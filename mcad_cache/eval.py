@@ -219,7 +219,7 @@ def evaluate_dual(retrieval_set: RetrievalSet, *, chunk_size: int = 1024) -> dic
     ranks = retrieval_ranks_from_embeddings(
         retrieval_set.image_emb, retrieval_set.text_emb, retrieval_set.txt2img, chunk_size=chunk_size
     )
-    proto = protocol(retrieval_set.txt2img, retrieval_set.num_images) | {"score": "cosine (ITC)"}
+    proto = protocol(retrieval_set.txt2img, retrieval_set.num_images) | {"score": "cosine (ITC)", "score_short": "cos"}
     return {"metrics": recall_from_ranks(*ranks), "protocol": proto}
 
 
@@ -361,7 +361,10 @@ def evaluate_single_stream(
     itm_t2i = torch.tensor([[itm[(i, t)] for i in row] for t, row in enumerate(idx_t2i.tolist())])
     ranks_i2t = topk_ranks_i2t(idx_i2t, _combine(itm_i2t, itc_i2t, score), rs.txt2img)
     ranks_t2i = topk_ranks_t2i(idx_t2i, _combine(itm_t2i, itc_t2i, score), rs.txt2img, num_images=rs.num_images)
-    proto = protocol(rs.txt2img, rs.num_images) | {"score": _score_name(score, k_i2t, k_t2i)}
+    proto = protocol(rs.txt2img, rs.num_images) | {
+        "score": _score_name(score, k_i2t, k_t2i),
+        "score_short": f"{score}@{max(k_i2t, k_t2i)}",
+    }
     return {"metrics": recall_from_ranks(ranks_i2t, ranks_t2i), "protocol": proto, "notices": notices}
 
 
@@ -407,7 +410,7 @@ def evaluate_cache(
     if reader.kind != "single":
         rs = RetrievalSet(list(map(str, reader.image_keys)), image_emb, text_emb, [], txt2img)
         ranks = retrieval_ranks_from_embeddings(rs.image_emb, rs.text_emb, txt2img, chunk_size=chunk_size)
-        proto = protocol(txt2img, num_images) | {"score": "cosine (ITC), cached embeddings"}
+        proto = protocol(txt2img, num_images) | {"score": "cosine (ITC), cached embeddings", "score_short": "cos"}
         return {"metrics": recall_from_ranks(*ranks), "protocol": proto, "notices": []}
     manifest = reader.manifest
     selection = _candidate_selection(manifest)
@@ -442,7 +445,10 @@ def evaluate_cache(
         parts[direction] = (torch.cat(idx), torch.cat(scores))
     ranks_i2t = topk_ranks_i2t(*parts["i2t"], txt2img)
     ranks_t2i = topk_ranks_t2i(*parts["t2i"], txt2img, num_images=num_images)
-    proto = protocol(txt2img, num_images) | {"score": _score_name(score, k_i2t, k_t2i) + ", cached"}
+    proto = protocol(txt2img, num_images) | {
+        "score": _score_name(score, k_i2t, k_t2i) + ", cached",
+        "score_short": f"{score}@{max(k_i2t, k_t2i)}",
+    }
     return {"metrics": recall_from_ranks(ranks_i2t, ranks_t2i), "protocol": proto, "notices": notices}
 
 

@@ -120,11 +120,11 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = _identit
             ).eval()
             extra = {"teacher": config.teacher, "teacher_kind": model.kind}
         rs = encode_retrieval_set(
-            model, progress(_batches(shards, model, config), "encode", None), precision=config.precision
+            model, progress((b for b in _batches(shards, model, config)), "encode", None), precision=config.precision
         )
         if kind == "teacher" and model.kind == "single":
             result = evaluate_single_stream(
-                model, rs, _batches(shards, model, config), k_test=config.k_test, score=config.itm_score,
+                model, rs, (b for b in _batches(shards, model, config)), k_test=config.k_test, score=config.itm_score,
                 chunk_size=config.chunk_size, precision=config.precision, progress=progress,
             )  # fmt: skip
         else:

@@ -180,3 +180,133 @@ def test_non_finite_loss_stops_the_run(tmp_path, shards, use_caches):
         distill.run(
             cfg(tmp_path, shards, preset="clip-kd", cache=("clip",), lr=1e30, warmup_steps=0, grad_clip=0, steps=3)
         )
+
+
+def test_cli_build_distill_eval_compare(tmp_path):
+    """The real path: `build` two caches with the fake teacher, `distill --k 3`, `eval` the run, the cache and the
+    live teacher, `compare`; then a stale shard and a too-large k are refused with readable messages."""
+    import shutil
+
+    import fake_teacher  # noqa: F401  (registers the "fake" teacher)
+    from mcad_cache.cli.main import app
+    from typer.testing import CliRunner
+
+    shard_dir = tmp_path / "shards"
+    make_shards(shard_dir, num_samples=12, per_shard=6)
+    data = str(shard_dir / "train-*.tar")
+    runner = CliRunner()
+    common = ["--data", data, "--workers", "0", "--device", "cpu"]
+    for name, extra in (("clip", []), ("albef", ["--model", "single", "--emb-dtype", "fp32"])):
+        res = runner.invoke(
+            app,
+            [
+                "build",
+                "--teacher",
+                "fake",
+                "--out",
+                str(tmp_path / name),
+                "--k",
+                "4",
+                "--batch-size",
+                "6",
+                *common,
+                *extra,
+            ],
+        )
+        assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "run"
+    caches = ["--cache", str(tmp_path / "clip"), "--cache", str(tmp_path / "albef")]
+    res = runner.invoke(
+        app,
+        [
+            "distill",
+            *caches,
+            *common,
+            "--out",
+            str(run_dir),
+            "--k",
+            "3",
+            "--student",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--log-every",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    for name in ("config.json", "metrics.jsonl", "loss_curves.png", "summary.json", "final/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    res = runner.invoke(app, ["eval", "--model", str(run_dir), *common, "--batch-size", "5"])
+    assert res.exit_code == 0, res.output
+    assert "12 images, 24 captions" in res.output
+    student_eval = json.loads((run_dir / "eval.json").read_text())
+    assert student_eval["kind"] == "student" and 0 <= student_eval["metrics"]["rsum"] <= 600
+    cached_json, live_json = tmp_path / "cached.json", tmp_path / "live.json"
+    res = runner.invoke(
+        app, ["eval", "--model", str(tmp_path / "albef"), *common, "--k-test", "3", "--out", str(cached_json)]
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, ["eval", "--teacher", "fake", "--model", "single", *common, "--k-test", "3", "--out", str(live_json)]
+    )
+    assert res.exit_code == 0, res.output
+    cached, live = json.loads(cached_json.read_text()), json.loads(live_json.read_text())
+    assert cached["metrics"] == pytest.approx(live["metrics"])  # the cache reproduces the live ALBEF protocol
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "albef"), *common, "--k-test", "5"])
+    assert res.exit_code == 1 and "k=4" in res.output
+    res = runner.invoke(app, ["compare", str(run_dir), str(cached_json), str(live_json)])
+    assert res.exit_code == 0, res.output
+    assert "RSUM" in res.output and all(name in res.output for name in ("run", "cached", "live", "itm+itc@3"))
+    # k above the caches' k
+    res = runner.invoke(
+        app,
+        [
+            "distill",
+            *caches,
+            *common,
+            "--out",
+            str(tmp_path / "r2"),
+            "--k",
+            "5",
+            "--student",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+        ],
+    )
+    assert res.exit_code == 1 and "holds k=4" in res.output
+    # a shard rewritten after the build: refused with the shard named
+    stale = tmp_path / "stale"
+    shutil.copytree(shard_dir, stale)
+    make_shards(stale, num_samples=5, per_shard=5)  # rewrites train-0000.tar without its last sample
+    res = runner.invoke(
+        app,
+        [
+            "distill",
+            *caches,
+            "--data",
+            str(stale / "train-*.tar"),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r3"),
+            "--k",
+            "3",
+            "--student",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+        ],
+    )
+    assert res.exit_code == 1 and "train-0000.tar: sha256 differs" in res.output
