@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -285,3 +287,71 @@ def test_openclipart_pipeline_reuses_present_data(tmp_path):
     samples = list(iter_samples(str(out / "*" / "*.tar")))
     assert sorted(s.key for s in samples) == ["animals__frog", "animals__toad"]
     assert all(s.source_mode == "RGBA" and s.image.size == (100, 50) for s in samples)
+
+
+def _fake_tool(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text(f"#!{sys.executable}\nimport os, sys, pathlib, shutil\n{body}\n")
+    path.chmod(0o755)
+
+
+def test_fetch_runs_apt_get_and_dpkg_when_absent(tmp_path, monkeypatch):
+    """Fake apt-get (fails until 'update' ran) and dpkg on PATH: the fetch retries after update, unpacks with
+    paths that work from any working directory, and reuses what it fetched."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    sample_png = _save(tmp_path / "sample.png", mode="RGBA", color=(1, 2, 3, 255))
+    _fake_tool(
+        bin_dir,
+        "apt-get",
+        f"""
+log = open({str(log)!r}, "a"); log.write(" ".join(sys.argv[1:]) + "\\n")
+flag = pathlib.Path({str(tmp_path / "updated")!r})
+if sys.argv[1] == "update":
+    flag.touch(); sys.exit(0)
+if not flag.exists():
+    sys.exit(100)
+for pkg in sys.argv[2:]:
+    pathlib.Path(pkg + "_1.0_all.deb").write_text(pkg)
+""",
+    )
+    _fake_tool(
+        bin_dir,
+        "dpkg",
+        f"""
+open({str(log)!r}, "a").write("dpkg " + " ".join(sys.argv[1:]) + "\\n")
+deb, dest = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+kind = "png" if "png" in deb.read_text() else "svg"
+out = dest / "usr/share/openclipart" / kind / "animals"
+out.mkdir(parents=True, exist_ok=True)
+if kind == "png":
+    shutil.copy({str(sample_png)!r}, out / "frog.png")
+else:
+    (out / "frog.svg").write_text({SVG.format(title="Green frog", desc="", kws="", creator="x")!r})
+""",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    data_dir = fetch_openclipart("rel_root")
+    assert data_dir == Path("rel_root/extracted/usr/share/openclipart")
+    calls = log.read_text().splitlines()
+    assert calls[:3] == [
+        "download openclipart-png openclipart-svg",
+        "update",
+        "download openclipart-png openclipart-svg",
+    ]
+    assert sum(c.startswith("dpkg -x") for c in calls) == 2
+    assert fetch_openclipart("rel_root") == data_dir and len(log.read_text().splitlines()) == len(calls)
+    report = data_import.run(ImportConfig(source="openclipart", root="rel_root", out="out", image_size_px=64))
+    assert report["num_kept"] == 1
+
+
+def test_fetch_failure_is_a_data_source_error(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_tool(bin_dir, "apt-get", "sys.stderr.write('E: no network'); sys.exit(100)")
+    _fake_tool(bin_dir, "dpkg", "sys.exit(0)")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(DataSourceError, match="no network"):
+        fetch_openclipart(tmp_path / "root")

@@ -268,7 +268,7 @@ def fetch_openclipart(root: str | Path) -> Path:
     extracted = root / "extracted"
     for package in PACKAGES:
         deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
-        result = _run(["dpkg", "-x", str(deb), str(extracted)], root)
+        result = _run(["dpkg", "-x", str(deb.resolve()), str(extracted.resolve())], root)
         if result.returncode != 0:
             raise DataSourceError(f"openclipart: dpkg -x {deb} failed: {result.stderr.strip()[-500:]}")
     found = find_data_dir(root)
