@@ -158,3 +158,16 @@ def test_importing_the_package_leaves_pil_globals_alone():
         "assert before == after, (before, after)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [("I", [0, 257, 65535, 70000, -5], [0, 1, 255, 255, 0]), ("F", [0.0, 0.5, 1.0, 2.0, -1.0], [0, 128, 255, 255, 0])],
+)
+def test_int32_and_float_tiff(mode, values, expected):
+    dtype = np.int32 if mode == "I" else np.float32
+    buf = io.BytesIO()
+    Image.fromarray(np.array([values], dtype=dtype), mode=mode).save(buf, "TIFF")
+    im, header = decode_image_with_header(buf.getvalue(), policy=POLICY)
+    assert header.mode == mode
+    assert [im.getpixel((x, 0)) for x in range(5)] == [(v, v, v) for v in expected]
