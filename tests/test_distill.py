@@ -310,3 +310,10 @@ def test_cli_build_distill_eval_compare(tmp_path):
         ],
     )
     assert res.exit_code == 1 and "train-0000.tar: sha256 differs" in res.output
+
+
+def test_contrastive_needs_no_cache(tmp_path, shards):
+    summary = distill.run(cfg(tmp_path, shards, cache=(), preset="contrastive", steps=0, epochs=1))
+    assert summary["steps"] == 3 and summary["caches"] == []  # 12 samples // 4
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert all(set(k for k in r if k.endswith("_loss")) == {"itc_loss"} for r in rows)
