@@ -30,6 +30,7 @@ class ImportConfig:
     max_samples: int = 0  # 0 = all; otherwise the first N (deterministic order) for small runs
     image_size_px: int = 256  # re-encode so the longer side is at most this many pixels (0 = keep original bytes)
     seed: int = 0  # deterministic split seed (openclipart)
+    workers: int = 2  # processes that decode and re-encode images (1 = in the calling process); output is identical
 
 
 @dataclass(frozen=True)
