@@ -15,8 +15,14 @@ import torch.nn.functional as F
 
 from mcad_cache.errors import CheckpointError
 from mcad_cache.teachers import create_teacher
-from mcad_cache.teachers.albef import albef_pre_caption, interpolate_pos_embed
-from mcad_cache.teachers.base import SingleStreamTeacher, file_sha256
+from mcad_cache.teachers.albef import (
+    AlbefConfig,
+    AlbefModel,
+    albef_pre_caption,
+    interpolate_pos_embed,
+    load_albef_state_dict,
+)
+from mcad_cache.teachers.base import SingleStreamTeacher, file_sha256, resolve_config
 
 # The tiny architecture of configs/albef_tiny.json, spelled out independently.
 TINY = dict(
@@ -43,21 +49,25 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def original_albef_state_dict(*, layout: str, seed: int = 0, res: int = TINY["res"], queue: int = 8) -> dict:
+def original_albef_state_dict(
+    *, layout: str, seed: int = 0, res: int | None = None, queue: int = 8, dims: dict | None = None, meta: bool = False
+) -> dict:
     """A random ALBEF state dict under the ORIGINAL key names, as torch.save'd by salesforce/ALBEF
     (``model_without_ddp.state_dict()``), with momentum copies and queues.
 
     layout: "pretrain" (BertForMaskedLM: text_encoder.bert.* + text_encoder.cls.*) or "retrieval" (text_encoder.*).
+    dims: architecture sizes (default TINY); meta: shapes only (tensors on the meta device), for full-size checks.
     """
-    t = TINY
+    t = dims or TINY
+    res = res or t["res"]
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape):
-        return 0.05 * torch.randn(*shape, generator=g)
+        return torch.empty(*shape, device="meta") if meta else 0.05 * torch.randn(*shape, generator=g)
 
     def ln(prefix, sd, c):
-        sd[f"{prefix}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
-        sd[f"{prefix}.bias"] = 0.05 * torch.randn(c, generator=g)
+        sd[f"{prefix}.weight"] = torch.empty(c, device="meta") if meta else 1 + 0.1 * torch.randn(c, generator=g)
+        sd[f"{prefix}.bias"] = w(c)
 
     def lin(prefix, sd, out_f, in_f):
         sd[f"{prefix}.weight"] = w(out_f, in_f)
@@ -124,6 +134,8 @@ def original_albef_state_dict(*, layout: str, seed: int = 0, res: int = TINY["re
     sd["temp"] = torch.tensor(0.05)
     sd["image_queue"] = F.normalize(torch.randn(t["embed"], queue, generator=g), dim=0)
     sd["text_queue"] = F.normalize(torch.randn(t["embed"], queue, generator=g), dim=0)
+    if meta:
+        sd["temp"] = torch.empty((), device="meta")
     sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
     if layout == "retrieval":
         sd["idx_queue"] = torch.full((1, queue), -100)
@@ -454,3 +466,34 @@ def test_timm_cnn_vision_encoder_round_trip(tiny_bert_tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="num_features"):
         bad = {**cfg, "vision_width": 64, "bert": {**cfg["bert"], "encoder_width": 64}}
         create_teacher("albef", model=bad, tokenizer=str(tiny_bert_tokenizer_dir))
+
+
+@pytest.mark.parametrize("layout", ["pretrain", "retrieval"])
+def test_base_architecture_takes_the_full_size_original_key_set(layout):
+    # ViT-B/16 at 384 px + BERT-base with 6 text and 6 fusion layers (configs/albef_base.json) against the original
+    # key names and shapes of a released checkpoint (shapes only, on the meta device: no 800 MB of random weights).
+    base = dict(
+        res=384, patch=16, vw=768, vdepth=12, vheads=12, hidden=768, layers=12, heads=12, inter=3072, fusion=6,
+        vocab=30522, maxpos=512, embed=256,
+    )  # fmt: skip
+    sd = original_albef_state_dict(layout=layout, dims=base, meta=True)
+    cfg = AlbefConfig.from_dict(resolve_config("albef", "base")[0])
+    with torch.device("meta"):
+        model = AlbefModel(cfg)
+    report = load_albef_state_dict(model, sd, source=layout)
+    assert report.num_loaded == len(model.state_dict()) == 414
+    assert report.num_loaded + len(report.ignored) == len(sd)
+    assert set(report.ignored.values()) <= {"momentum", "queue", "mlm_head", "buffer"}
+    assert 209e6 < sum(p.numel() for p in model.parameters()) < 210e6  # ALBEF without momentum encoders
+
+
+def test_tiny_albef_under_bf16_autocast_on_cpu(tiny_albef_teacher):
+    t, images, tokens = tiny_albef_teacher, _images(2, 32), tiny_albef_teacher.tokenize(CAPTIONS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_emb, text_emb = t.encode_image(images), t.encode_text(tokens)
+        itm_logits, fused_cls = t.itm(images, tokens)
+    assert image_emb.dtype == text_emb.dtype == itm_logits.dtype == fused_cls.dtype == torch.float32
+    torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(image_emb, t.encode_image(images), rtol=0.05, atol=0.02)
+    torch.testing.assert_close(text_emb, t.encode_text(tokens), rtol=0.05, atol=0.02)
+    torch.testing.assert_close(itm_logits, t.itm(images, tokens)[0], rtol=0.05, atol=0.02)

@@ -143,3 +143,14 @@ def test_folder_without_processor_files(tmp_path, tiny_blip_dir, tiny_bert_token
     reference = create_teacher("blip", pretrained=str(tiny_blip_dir), device="cpu", local_files_only=True)
     images = _images(2, 32)
     assert torch.equal(t.encode_image(images), reference.encode_image(images))
+
+
+def test_blip_under_bf16_autocast_on_cpu(blip):
+    images, tokens = _images(2, 32), blip.tokenize(CAPTIONS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_emb, text_emb = blip.encode_image(images), blip.encode_text(tokens)
+        itm_logits, fused_cls = blip.itm(images, tokens)
+    assert image_emb.dtype == text_emb.dtype == itm_logits.dtype == fused_cls.dtype == torch.float32
+    torch.testing.assert_close(image_emb, blip.encode_image(images), rtol=0.05, atol=0.02)
+    torch.testing.assert_close(text_emb, blip.encode_text(tokens), rtol=0.05, atol=0.02)
+    torch.testing.assert_close(itm_logits, blip.itm(images, tokens)[0], rtol=0.05, atol=0.02)

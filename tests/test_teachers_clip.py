@@ -180,3 +180,14 @@ def test_tiny_clip_under_bf16_autocast_on_cuda(tiny_clip_teacher):
     assert emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2, device="cuda"))
     torch.testing.assert_close(emb.cpu(), tiny_clip_teacher.encode_image(_images(2, 32)), rtol=0.05, atol=0.05)
+
+
+def test_tiny_clip_under_bf16_autocast_on_cpu(tiny_clip_teacher):
+    # The same code path as CUDA autocast: outputs stay float32 and normalised, close to the fp32 ones.
+    t, images, tokens = tiny_clip_teacher, _images(2, 32), tiny_clip_teacher.tokenize(CAPTIONS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_emb, text_emb = t.encode_image(images), t.encode_text(tokens)
+    assert image_emb.dtype == text_emb.dtype == torch.float32
+    torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(image_emb, t.encode_image(images), rtol=0.05, atol=0.02)
+    torch.testing.assert_close(text_emb, t.encode_text(tokens), rtol=0.05, atol=0.02)
