@@ -27,6 +27,7 @@ uninterrupted one. The manifest's ``complete`` flag is written last.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader
 from mcad_cache.cache.manifest import code_version, file_sha256, fingerprint_diff, format_diff, utc_now
 from mcad_cache.cache.schema import BUILD_GROUP, EMB_DTYPES, FUSED_DTYPES, SCHEMA_VERSION, CacheLayout
 from mcad_cache.cache.store import CacheReader, CacheWriter, open_cache
-from mcad_cache.cache.topk import chunked_topk, force_positives, positives_i2t, positives_t2i
+from mcad_cache.cache.topk import chunked_topk, faiss_topk, force_positives, positives_i2t, positives_t2i
 from mcad_cache.config import BuildConfig, config_to_dict
 from mcad_cache.data import (
     SKIP_REASONS,
@@ -128,6 +129,8 @@ def _check_config(config: BuildConfig) -> None:
         problems.append(f"emb_dtype must be one of {EMB_DTYPES}, got {config.emb_dtype!r}")
     if config.topk_backend not in ("torch", "faiss"):
         problems.append(f"topk_backend must be torch | faiss, got {config.topk_backend!r}")
+    elif config.topk_backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        problems.append("topk_backend=faiss needs faiss-cpu: pip install 'mcad-cache[faiss]'")
     if not config.data:
         problems.append("no --data shards given")
     if problems:
@@ -669,7 +672,7 @@ def _pass_topk(
         if source is not None:
             sims, idx = _source_candidates(source, writer, direction, q, gal, qv, gv, k)
         elif config.topk_backend == "faiss":
-            sims, idx = _faiss_topk(q, gal, k=k, query_valid=qv, gallery_valid=gv, chunk_size=config.chunk_size)
+            sims, idx = faiss_topk(q, gal, k=k, query_valid=qv, gallery_valid=gv, chunk_size=config.chunk_size)
         else:
             sims, idx = chunked_topk(
                 q, gal, k=k, chunk_size=config.chunk_size, query_valid=qv, gallery_valid=gv, device=device
@@ -726,38 +729,6 @@ def _source_candidates(
     # keep the source's order (its ranking) but move empty slots last
     order = np.argsort(idx < 0, axis=1, kind="stable")
     return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
-
-
-def _faiss_topk(
-    q: np.ndarray, gal: np.ndarray, *, k: int, query_valid: np.ndarray, gallery_valid: np.ndarray, chunk_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product search with FAISS (``IndexFlatIP``) for candidate retrieval, then the deterministic
-    float64 re-scoring and tie rule of :func:`chunked_topk` over the retrieved candidates plus a margin."""
-    try:
-        import faiss  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise ValueError("topk_backend=faiss needs faiss-cpu: pip install 'mcad-cache[faiss]'") from err
-    gi = np.nonzero(gallery_valid)[0]
-    n_q = q.shape[0]
-    sims_out = np.full((n_q, k), np.nan, np.float32)
-    idx_out = np.full((n_q, k), -1, np.int32)
-    if gi.size == 0:
-        return sims_out, idx_out
-    index = faiss.IndexFlatIP(gal.shape[1])
-    index.add(np.ascontiguousarray(gal[gi], dtype=np.float32))
-    margin = min(gi.size, k + 16)
-    qi = np.nonzero(query_valid)[0]
-    for s in range(0, qi.size, chunk_size):
-        rows = qi[s : s + chunk_size]
-        _, cand = index.search(np.ascontiguousarray(q[rows], dtype=np.float32), margin)
-        cand = gi[cand]  # [r, margin] gallery rows
-        for r, c in zip(rows, cand, strict=True):
-            c = np.sort(c[c >= 0])
-            sv, si = chunked_topk(q[r : r + 1], gal[c], k=min(k, c.size))
-            m = si.shape[1]
-            sims_out[r, :m] = sv[0]
-            idx_out[r, :m] = np.where(si[0] >= 0, c[np.maximum(si[0], 0)], -1)
-    return sims_out, idx_out
 
 
 def _pair_plan(writer: CacheWriter) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from PIL import Image
 from mcad_cache.cache import check_cache, chunked_topk, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.data.transforms import make_image_transform
-from mcad_cache.errors import CacheMismatchError
+from mcad_cache.errors import CacheMismatchError, DataError, NonFiniteError
 
 TESTS = Path(__file__).resolve().parent
 CAPTION_COUNTS = [3, 1, 2]  # repeated: images with 3, 1 and 2 captions
@@ -190,6 +190,36 @@ def test_single_stream_itm_both_directions(shards, tmp_path, fused_dtype):
         assert (np.abs(res["fused_cls"][rows, slots] - ref) <= tol).all()
         assert np.isnan(res["fused_cls"][~res["valid"]]).all()
     assert not (Path(tmp_path / "c.zarr") / "build" / "scratch").exists()
+
+
+def test_non_finite_teacher_output_names_array_and_key(shards, tmp_path, monkeypatch):
+    shard_dir, _ = shards
+    original = FakeTeacher.encode_text
+
+    def bad_encode_text(self, tokens):
+        out = original(self, tokens)
+        out[0, 0] = float("inf")  # first caption of every batch
+        return out
+
+    monkeypatch.setattr(FakeTeacher, "encode_text", bad_encode_text)
+    with pytest.raises(NonFiniteError, match=r"array 'text_emb'.*sample '00000#0'"):
+        run(_config(shard_dir, tmp_path / "c.zarr"))
+
+
+def test_strict_stops_at_first_bad_sample(shards, tmp_path):
+    shard_dir, _ = shards
+    with pytest.raises(DataError, match="00007"):
+        run(_config(shard_dir, tmp_path / "c.zarr", strict=True))
+
+
+def test_faiss_backend_build_equals_torch(shards, tmp_path):
+    pytest.importorskip("faiss")  # optional extra: mcad-cache[faiss]
+    shard_dir, _ = shards
+    run(_config(shard_dir, tmp_path / "t.zarr"))
+    run(_config(shard_dir, tmp_path / "f.zarr", topk_backend="faiss"))
+    a, b = _all_arrays(tmp_path / "t.zarr"), _all_arrays(tmp_path / "f.zarr")
+    for name in ("i2t_idx", "i2t_sims", "t2i_idx", "t2i_sims", "i2t_is_positive", "t2i_is_positive"):
+        assert np.array_equal(a[name], b[name], equal_nan=True), name
 
 
 KILLER = textwrap.dedent(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcad_cache.cache.topk import chunked_topk, force_positives, positives_i2t, positives_t2i
+from mcad_cache.cache.topk import chunked_topk, faiss_topk, force_positives, positives_i2t, positives_t2i
 
 
 def _reference(query: torch.Tensor, gallery: torch.Tensor, k: int, gallery_valid=None):
@@ -95,3 +95,19 @@ def test_positive_flags_and_forcing():
     np.testing.assert_array_equal(i2[1], idx_i2t[1])  # already contained its positive
     np.testing.assert_array_equal(i2[2], [0, 4, 5])  # three-way tie at 0.5 keeps the lowest row 0
     np.testing.assert_allclose(s2[2], [0.5, 0.3, 0.3])
+
+
+def test_faiss_backend_matches_chunked():
+    pytest.importorskip("faiss")  # optional extra: mcad-cache[faiss]
+    gen = torch.Generator().manual_seed(0)
+    base = _normed(30, 8, gen)
+    g = base[torch.randint(0, 30, (50,), generator=gen)]  # duplicates: exact ties
+    q = _normed(17, 8, gen)
+    gv = torch.ones(50, dtype=torch.bool)
+    gv[::7] = False
+    qv = torch.ones(17, dtype=torch.bool)
+    qv[3] = False
+    ref = chunked_topk(q, g, k=5, chunk_size=4, query_valid=qv, gallery_valid=gv)
+    got = faiss_topk(q.numpy(), g.numpy(), k=5, chunk_size=6, query_valid=qv.numpy(), gallery_valid=gv.numpy())
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[0], ref[0])

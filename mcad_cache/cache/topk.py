@@ -116,6 +116,65 @@ def chunked_topk(
     return out_sims, out_idx
 
 
+def faiss_topk(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    *,
+    k: int,
+    query_valid: np.ndarray | None = None,
+    gallery_valid: np.ndarray | None = None,
+    chunk_size: int = 4096,
+    margin: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product with an exact FAISS index (``IndexFlatIP``), re-scored with the rule of
+    :func:`chunked_topk`.
+
+    FAISS retrieves ``k + margin`` candidates per query in float32; they are re-scored with float64 accumulation and
+    ordered by descending similarity, ties to the lower row. The result equals :func:`chunked_topk` unless more than
+    ``margin`` gallery rows tie with the k-th candidate (then FAISS may have returned other tied rows).
+
+    Args:
+        query: [N_q, D] float embeddings.
+        gallery: [N_g, D] float embeddings.
+        k: candidates per query.
+        query_valid: [N_q] bool (default all); invalid rows get -1 / NaN.
+        gallery_valid: [N_g] bool (default all); invalid rows are never returned.
+        chunk_size: queries per FAISS search call.
+        margin: extra candidates retrieved for the exact re-scoring.
+    Returns:
+        ``(sims [N_q, k] float32, idx [N_q, k] int32)`` like :func:`chunked_topk`.
+    Raises:
+        ImportError: faiss is not installed (``pip install 'mcad-cache[faiss]'``).
+    """
+    try:
+        import faiss  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise ImportError("topk_backend='faiss' needs faiss-cpu: pip install 'mcad-cache[faiss]'") from err
+    q = np.asarray(query, dtype=np.float32)
+    g = np.asarray(gallery, dtype=np.float32)
+    qv = np.ones(len(q), bool) if query_valid is None else np.asarray(query_valid, bool)
+    gv = np.ones(len(g), bool) if gallery_valid is None else np.asarray(gallery_valid, bool)
+    sims_out = np.full((len(q), k), np.nan, np.float32)
+    idx_out = np.full((len(q), k), -1, np.int32)
+    gi = np.nonzero(gv)[0]
+    if gi.size == 0:
+        return sims_out, idx_out
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(np.ascontiguousarray(g[gi]))
+    m = min(gi.size, k + margin)
+    qi = np.nonzero(qv)[0]
+    for s in range(0, qi.size, chunk_size):
+        rows = qi[s : s + chunk_size]
+        _, found = index.search(np.ascontiguousarray(q[rows]), m)
+        cand = np.sort(gi[np.maximum(found, 0)], axis=1)  # [r, m] gallery rows, ascending
+        dots = np.einsum("rd,rmd->rm", q[rows].astype(np.float64), g[cand].astype(np.float64)).astype(np.float32)
+        values, order = _sort_desc_then_index(torch.from_numpy(dots), torch.from_numpy(cand))
+        kk = min(k, m)
+        sims_out[rows, :kk] = values[:, :kk].numpy()
+        idx_out[rows, :kk] = order[:, :kk].numpy().astype(np.int32)
+    return sims_out, idx_out
+
+
 def positives_i2t(idx_i2t: np.ndarray, txt2img: np.ndarray) -> np.ndarray:
     """is_positive [N_i, K] bool: candidate text ``idx_i2t[i, j]`` is a caption of image i (``-1`` -> False)."""
     rows = np.arange(idx_i2t.shape[0])[:, None]
@@ -165,4 +224,4 @@ def force_positives(
     return sims, idx
 
 
-__all__ = ["chunked_topk", "force_positives", "positives_i2t", "positives_t2i"]
+__all__ = ["chunked_topk", "faiss_topk", "force_positives", "positives_i2t", "positives_t2i"]
