@@ -73,24 +73,40 @@ class CandidateImages:
         shards: the training shards (paths, globs, brace patterns).
         transform: the student's ``make_image_transform(preprocess_cfg)``.
         policy: the run's decode policy (the stream's).
+        threads: decode threads (PIL releases the GIL while decoding and resizing); 1 = inline.
     """
 
     def __init__(
-        self, shards: str | Iterable[str], *, transform: Callable[[Any], Tensor], policy: DecodePolicy | None = None
+        self,
+        shards: str | Iterable[str],
+        *,
+        transform: Callable[[Any], Tensor],
+        policy: DecodePolicy | None = None,
+        threads: int = 1,
     ) -> None:
         self.index = ShardIndex(shards)
         self.transform = transform
         self.policy = policy or DecodePolicy()
+        self.threads = max(1, int(threads))
+        self._pool: Any = None
+
+    def _one(self, data: bytes) -> Tensor:
+        return self.transform(decode_image(data, policy=self.policy))
 
     def __call__(self, keys: list[str]) -> Tensor:
-        """[len(keys), 3, H, W] float32 images of ``keys``.
+        """[len(keys), 3, H, W] float32 images of ``keys``, in order.
 
         Raises:
             KeyError: a key not in the shards; SampleSkip: an image that no longer decodes.
         """
-        return torch.stack(
-            [self.transform(decode_image(self.index.read_image_bytes(k), policy=self.policy)) for k in keys]
-        )
+        blobs = [self.index.read_image_bytes(k) for k in keys]  # file reads stay in the calling thread
+        if self.threads == 1 or len(keys) < 2:
+            return torch.stack([self._one(b) for b in blobs])
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mcad-candidates")
+        return torch.stack(list(self._pool.map(self._one, blobs)))
 
 
 def check_caches_match(clip: Any, single: Any) -> None:
@@ -277,7 +293,10 @@ class TargetJoiner:
                 cand_caps = [str(x) for x in self.cand.captions[safe.reshape(-1)].tolist()]
                 position: dict[str, int] = {}
                 index = []
-                for cap in cand_caps:
+                for cap, ok in zip(cand_caps, top["valid"].reshape(-1).tolist(), strict=True):
+                    if not ok:  # empty slot: any row will do, it is masked out of every loss
+                        index.append(0)
+                        continue
                     if cap not in position:
                         position[cap] = len(texts)
                         texts.append(cap)

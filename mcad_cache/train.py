@@ -357,6 +357,67 @@ def _keys_str(keys: list[str], limit: int = 64) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
+def _prepared(
+    stream: Iterator[Any], prepare: Callable[[Any, int], tuple[Any, list[str], int]], next_step: int
+) -> Iterator[tuple[Any, list[str], int]]:
+    """``prepare`` each raw batch in order with the step number it will be trained at (skipped ones take none)."""
+    step = next_step
+    for raw in stream:
+        prepared, keys, num_pairs = prepare(raw, step)
+        if prepared is not None:
+            step += 1
+        yield prepared, keys, num_pairs
+
+
+class _Prefetcher:
+    """Runs an iterator in a daemon thread, ``depth`` items ahead; re-raises its exception in the consumer."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], *, depth: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="mcad-prefetch")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer thread, which re-raises it)
+            self._put(("error", err))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            kind, value = self._queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def close(self) -> None:
+        """Stop the producer (it may have prepared a few batches that are never used)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 class StepCounter:
     """Iterable over step numbers for the progress bar; ``postfix`` shows loss and throughput (read by the CLI)."""
 
@@ -392,6 +453,7 @@ def train_loop(
     on_checkpoint: Callable[[TrainState], None] | None = None,
     progress: Callable[..., Iterable[Any]] | None = None,
     max_epochs: int = 1_000_000,
+    prefetch: int = 0,
 ) -> TrainState:
     """Run optimiser steps until ``total_steps``, resuming at ``state``.
 
@@ -412,6 +474,9 @@ def train_loop(
             "elapsed_s"}``.
         progress: ``progress(iterable, description, total)`` over step numbers.
         max_epochs: safety bound when an epoch yields no usable batch.
+        prefetch: prepare up to this many batches ahead in a background thread (0 = inline). ``prepare`` still
+            runs in batch order with the same step numbers, so results do not change; it must not draw from the
+            global RNG.
     Returns:
         The final :class:`TrainState`.
     Raises:
@@ -434,39 +499,45 @@ def train_loop(
             set_rng_state(rng_state)
             rng_state = None
         trained_this_epoch = 0
-        for raw in stream:
-            state.batch_in_epoch += 1
-            prepared, keys, num_pairs = prepare(raw, state.step + 1)
-            if prepared is None:
-                continue
-            next(steps_iter, None)
-            values = train_step(
-                model, loss_module, prepared, forward=forward, optimizer=optimizer, scheduler=scheduler,
-                step=state.step + 1, keys=keys, grad_clip=grad_clip, device=device, precision=precision,
-            )  # fmt: skip
-            state.step += 1
-            state.samples_seen += num_pairs
-            trained_this_epoch += 1
-            window_n += num_pairs
-            now = time.perf_counter()
-            rate = window_n / max(now - window_t, 1e-9)
-            counter.postfix = f"loss {values['loss']:.4f} | {rate:.1f} pairs/s"
-            if on_log is not None and (state.step % max(1, log_every) == 0 or state.step == total_steps):
-                on_log(
-                    {
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "samples_seen": state.samples_seen,
-                        **values,
-                        "samples_per_s": rate,
-                        "elapsed_s": now - t0,
-                    }
-                )
-                window_t, window_n = now, 0
-            if on_checkpoint is not None and checkpoint_every > 0 and state.step % checkpoint_every == 0:
-                on_checkpoint(state)
-            if state.step >= total_steps:
-                break
+        items = _prepared(stream, prepare, state.step + 1)
+        if prefetch > 0:
+            items = _Prefetcher(items, depth=prefetch)
+        try:
+            for prepared, keys, num_pairs in items:
+                state.batch_in_epoch += 1
+                if prepared is None:
+                    continue
+                next(steps_iter, None)
+                values = train_step(
+                    model, loss_module, prepared, forward=forward, optimizer=optimizer, scheduler=scheduler,
+                    step=state.step + 1, keys=keys, grad_clip=grad_clip, device=device, precision=precision,
+                )  # fmt: skip
+                state.step += 1
+                state.samples_seen += num_pairs
+                trained_this_epoch += 1
+                window_n += num_pairs
+                now = time.perf_counter()
+                rate = window_n / max(now - window_t, 1e-9)
+                counter.postfix = f"loss {values['loss']:.4f} | {rate:.1f} pairs/s"
+                if on_log is not None and (state.step % max(1, log_every) == 0 or state.step == total_steps):
+                    on_log(
+                        {
+                            "step": state.step,
+                            "epoch": state.epoch,
+                            "samples_seen": state.samples_seen,
+                            **values,
+                            "samples_per_s": rate,
+                            "elapsed_s": now - t0,
+                        }
+                    )
+                    window_t, window_n = now, 0
+                if on_checkpoint is not None and checkpoint_every > 0 and state.step % checkpoint_every == 0:
+                    on_checkpoint(state)
+                if state.step >= total_steps:
+                    break
+        finally:
+            if isinstance(items, _Prefetcher):
+                items.close()
         if state.step >= total_steps:
             break
         empty_epochs = 0 if trained_this_epoch else empty_epochs + 1

@@ -59,6 +59,7 @@ CURVES_FILE = "loss_curves.png"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 # Fields that may change between a run and its resumption without changing what is trained.
+PREFETCH_BATCHES = 2  # batches joined (cache reads, candidate images) ahead of the step, in a background thread
 RESUME_FREE_FIELDS = ("resume", "workers", "log_every", "checkpoint_every", "device")
 
 
@@ -297,7 +298,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         single=single,
         loss_config=loss_config,
         k=config.k,
-        candidate_images=CandidateImages(shards, transform=transform, policy=policy),
+        candidate_images=CandidateImages(shards, transform=transform, policy=policy, threads=max(1, config.workers)),
     )
     report = SkipReport()
     stream = EpochStream(
@@ -375,6 +376,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         scheduler=scheduler, state=state, total_steps=total_steps, rng_state=rng_state, grad_clip=config.grad_clip,
         precision=config.precision, device=device, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint, progress=progress,
+        prefetch=PREFETCH_BATCHES,
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
     if latest_checkpoint(run_dir) is None or int(latest_checkpoint(run_dir).name[5:]) != state.step:

@@ -64,7 +64,7 @@ def make(seed=0, total=13):
     return model, loss_module, opt, sched
 
 
-def run(tmp_path, total, *, stop_at=None, resume=False, log=None):
+def run(tmp_path, total, *, stop_at=None, resume=False, log=None, prefetch=0):
     model, loss_module, opt, sched = make(total=total)
     state, rng = TrainState(), None
     if resume:
@@ -92,19 +92,21 @@ def run(tmp_path, total, *, stop_at=None, resume=False, log=None):
         state = train_loop(
             model, loss_module, batches_for_epoch=toy_batches, prepare=toy_prepare, forward=toy_forward,
             optimizer=opt, scheduler=sched, state=state, total_steps=total, rng_state=rng, log_every=1,
-            checkpoint_every=4, on_log=log.append, on_checkpoint=on_ckpt,
+            checkpoint_every=4, on_log=log.append, on_checkpoint=on_ckpt, prefetch=prefetch,
         )  # fmt: skip
     except KeyboardInterrupt:
         pass
     return model, loss_module, state, log
 
 
-def test_exact_resume_reproduces_uninterrupted_run(tmp_path):
-    # 13 steps over epochs of 5 batches: the stop at step 8 (checkpoint_every=4) lies inside epoch 1.
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_exact_resume_reproduces_uninterrupted_run(tmp_path, prefetch):
+    # 13 steps over epochs of 5 batches: the stop at step 8 (checkpoint_every=4) lies inside epoch 1. The reference
+    # prepares batches inline; the interrupted + resumed run may prefetch them in a thread.
     ref_model, ref_loss, ref_state, ref_log = run(tmp_path / "a", 13)
-    _, _, _, part_log = run(tmp_path / "b", 13, stop_at=8)
+    _, _, _, part_log = run(tmp_path / "b", 13, stop_at=8, prefetch=prefetch)
     assert len(part_log) == 8
-    model, loss_module, state, resumed_log = run(tmp_path / "b", 13, resume=True)
+    model, loss_module, state, resumed_log = run(tmp_path / "b", 13, resume=True, prefetch=prefetch)
     assert [r["step"] for r in resumed_log] == list(range(9, 14))
     strip = [{k: v for k, v in r.items() if k not in ("samples_per_s", "elapsed_s")} for r in ref_log]
     got = [{k: v for k, v in r.items() if k not in ("samples_per_s", "elapsed_s")} for r in part_log + resumed_log]
@@ -220,3 +222,26 @@ def test_checkpoint_errors(tmp_path):
     (folder / "train_state.pt").unlink()
     with pytest.raises(CheckpointError, match="missing train_state.pt"):
         load_checkpoint(folder, model=model, loss_module=loss_module)
+
+
+def test_prefetch_reraises_prepare_errors():
+    model, loss_module, opt, sched = make()
+
+    def bad_prepare(raw, step):
+        if step == 3:
+            raise KeyError("sample e0b2s0 vanished")
+        return toy_prepare(raw, step)
+
+    with pytest.raises(KeyError, match="e0b2s0"):
+        train_loop(
+            model,
+            loss_module,
+            batches_for_epoch=toy_batches,
+            prepare=bad_prepare,
+            forward=toy_forward,
+            optimizer=opt,
+            scheduler=sched,
+            state=TrainState(),
+            total_steps=5,
+            prefetch=2,
+        )
