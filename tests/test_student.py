@@ -56,9 +56,9 @@ def test_tiny_forward_shapes_normalisation_and_speed(tiny):
     images = _images(3)
     with torch.no_grad():
         tiny.encode_image(images[:1])  # first call initialises kernels
-        start = time.perf_counter()
+        start = time.process_time()  # CPU seconds of this process: robust to a machine shared with other jobs
         out = tiny(images, **tokens)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
     assert elapsed < 5.0
     assert out["image_emb"].shape == (3, 32) and out["text_emb"].shape == (3, 32)
     assert out["image_feat"].shape == (3, tiny.image_feat_dim) and out["text_feat"].shape == (3, tiny.text_feat_dim)
