@@ -22,6 +22,7 @@ def import_(
     max_samples: Annotated[int, typer.Option(help="0 = all; else the first N in the importer's order")] = None,
     image_size_px: Annotated[int, typer.Option(help="longest side after re-encoding (0 = keep original bytes)")] = None,
     seed: Annotated[int, typer.Option(help="split seed (openclipart)")] = None,
+    workers: Annotated[int, typer.Option(help="image re-encoding processes (1 = none)")] = None,
     config: Annotated[str, typer.Option("--config", help="run.json with ImportConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -41,6 +42,7 @@ def import_(
         max_samples=max_samples,
         image_size_px=image_size_px,
         seed=seed,
+        workers=workers,
     )
     try:
         report = call_pipeline(data_import.run, cfg, progress=progress)

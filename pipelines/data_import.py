@@ -69,6 +69,7 @@ def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = _ident
         image_size_px=config.image_size_px,
         policy=policy,
         report=report,
+        workers=config.workers,
         progress=progress,
     )
     config_dict = config_to_dict(config)

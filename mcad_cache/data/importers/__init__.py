@@ -15,6 +15,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,19 @@ def _identity_progress(iterable: Iterable[Any], description: str = "", total: in
     return iterable
 
 
+def _load_and_reencode(job: tuple[Path, int, DecodePolicy]) -> tuple[bytes, str] | tuple[None, str, str]:
+    """Worker: read and re-encode one image; returns (bytes, ext) or (None, reason, detail). Module-level: picklable."""
+    path, image_size_px, policy = job
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return None, "missing_image", f"{path}: {err.strerror or err}"
+    try:
+        return reencode_image(data, max_side_px=image_size_px, policy=policy)
+    except SampleSkip as skip:
+        return None, skip.reason, f"{path}: {skip.detail}"
+
+
 def write_items(
     items: list[ImportItem],
     *,
@@ -254,33 +268,38 @@ def write_items(
     image_size_px: int,
     policy: DecodePolicy,
     report: ImportReport,
+    workers: int = 1,
     progress: Any = _identity_progress,
 ) -> dict[str, Any]:
     """Re-encode and write items in the given order; returns the ``splits`` part of ``index.json``.
 
     Items whose key was already written are dropped as ``duplicate_key``; a missing image file as ``missing_image``;
     decode problems with their :data:`mcad_cache.data.SKIP_REASONS` reason. All drops are counted in ``report``.
+    With ``workers > 1`` images are re-encoded in a process pool whose results are consumed in item order, so the
+    shards are byte-identical to a single-process run.
     """
-    writer = SplitShardWriter(out_dir, samples_per_shard=samples_per_shard)
     seen: set[str] = set()
-    try:
-        for item in progress(items, f"import {report.source}", len(items)):
-            if item.key in seen:
-                report.drop("duplicate_key", item.key, f"{item.image_path}")
-                continue
+    unique: list[ImportItem] = []
+    for item in items:
+        if item.key in seen:
+            report.drop("duplicate_key", item.key, f"{item.image_path}")
+        else:
             seen.add(item.key)
-            try:
-                data = item.image_path.read_bytes()
-            except OSError as err:
-                report.drop("missing_image", item.key, f"{item.image_path}: {err.strerror or err}")
+            unique.append(item)
+    jobs = [(item.image_path, image_size_px, policy) for item in unique]
+    writer = SplitShardWriter(out_dir, samples_per_shard=samples_per_shard)
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.map(_load_and_reencode, jobs, chunksize=16) if pool else map(_load_and_reencode, jobs)
+        for item, result in progress(zip(unique, results, strict=True), f"import {report.source}", len(unique)):
+            if result[0] is None:
+                report.drop(result[1], item.key, result[2])
                 continue
-            try:
-                image, ext = reencode_image(data, max_side_px=image_size_px, policy=policy)
-            except SampleSkip as skip:
-                report.drop(skip.reason, item.key, f"{item.image_path}: {skip.detail}")
-                continue
+            image, ext = result
             writer.write(item.split, item.key, image, ext, {"captions": item.captions, **item.meta})
             report.keep(item.split, len(item.captions))
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         splits = writer.close()
     return splits
