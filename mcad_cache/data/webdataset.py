@@ -183,16 +183,16 @@ def iter_shard_samples(
     order, runs, _ = _group_members(scan)
     cut_key = order[-1] if scan.truncated and order else None
     for key in order:
-        if key == cut_key:
-            last_good = order[-2] if len(order) > 1 else None
-            yield _skipped(key, shard, "truncated_shard", f"{scan.error}; last good key {last_good!r}")
-            continue
         owner = key_owner.get(key, shard) if key_owner is not None else shard
         if owner != shard:
             yield _skipped(key, shard, "duplicate_key", f"key already read from shard {owner}")
             continue
         if isinstance(key_owner, dict):
-            key_owner[key] = shard
+            key_owner[key] = shard  # the first shard holding the key owns it, even if its copy is unusable
+        if key == cut_key:
+            last_good = order[-2] if len(order) > 1 else None
+            yield _skipped(key, shard, "truncated_shard", f"{scan.error}; last good key {last_good!r}")
+            continue
         problem = _structure_problem(runs[key])
         if problem is not None:
             yield _skipped(key, shard, *problem)
