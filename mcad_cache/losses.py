@@ -299,6 +299,29 @@ class TeacherTargets:
         return TeacherTargets(**out)
 
 
+_PER_CANDIDATE = {
+    "i2t": ("clip_topk_sims_i2t", "clip_topk_text_emb", "itm_logits_i2t", "ss_sims_i2t", "fused_cls_i2t"),
+    "t2i": ("clip_topk_sims_t2i", "clip_topk_image_emb", "itm_logits_t2i", "ss_sims_t2i", "fused_cls_t2i"),
+}
+
+
+def _zero_invalid(teacher: TeacherTargets) -> TeacherTargets:
+    """Per-candidate fields with their invalid slots set to 0 (a cache marks them NaN): masked entries are dropped
+    from every softmax anyway, but a NaN there would still poison gradients through 0 * NaN."""
+    changes: dict[str, Tensor] = {}
+    for d, names in _PER_CANDIDATE.items():
+        valid = getattr(teacher, f"valid_{d}")
+        if valid is None:
+            continue
+        valid = valid.bool()
+        for name in names:
+            value = getattr(teacher, name)
+            if value is not None:
+                v = valid.reshape(valid.shape + (1,) * (value.ndim - valid.ndim))
+                changes[name] = torch.where(v, value, torch.zeros((), dtype=value.dtype, device=value.device))
+    return dataclasses.replace(teacher, **changes) if changes else teacher
+
+
 def _require(obj: Any, name: str, why: str) -> Any:
     value = getattr(obj, name)
     if value is None:
@@ -787,6 +810,7 @@ class MCADLoss(nn.Module):
 
     def _forward_fp32(self, student: StudentOutputs, teacher: TeacherTargets) -> dict[str, Tensor]:
         cfg = self.config
+        teacher = _zero_invalid(teacher)
         out: dict[str, Tensor] = {}
         img = student.image_emb.float()
         txt = student.text_emb.float()

@@ -512,3 +512,21 @@ def test_free_student_embeddings_descend_every_mcad_term():
     last = {k: v.item() for k, v in run().items()}
     for key in ("kd_i2t_loss", "kd_t2i_loss", "topk_i2t_loss", "topk_t2i_loss", "feat_loss", "integration_loss"):
         assert last[key] < 0.5 * first[key], (key, first[key], last[key])
+
+
+def test_nan_in_invalid_candidate_slots_changes_nothing():
+    g = _gen(17)
+    teacher = _teacher(g)
+    loss_fn = _loss(preset("mcad", gate_init=0.2))
+    student = _student(g)
+    ref = loss_fn(student, teacher)
+    for d, names in L._PER_CANDIDATE.items():
+        invalid = ~getattr(teacher, f"valid_{d}")
+        for name in names:
+            getattr(teacher, name)[invalid] = float("nan")
+    out = loss_fn(student, teacher)
+    for key, value in ref.items():
+        assert out[key].item() == pytest.approx(value.item(), rel=1e-6), key
+    out["loss"].backward()
+    grads = [p.grad for p in loss_fn.parameters()] + [student.image_emb.grad, student.topk_text_emb.grad]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
