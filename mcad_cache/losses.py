@@ -67,7 +67,7 @@ class LossConfig:
     # ---- modified-features integration module (ours: the paper's module is not public) ----
     gate_init: float = 0.01  # initial gate g = max_gate * tanh(a); near 0 so the start is plain CLIP (Flamingo-like)
     max_gate: float = 0.5  # |g| <= max_gate < 1: a CLIP feature turns by at most arcsin(max_gate) = 30 deg (ours)
-    aggregate: str = "itm_softmax"  # pool a query's K fused features: itm_softmax (teacher's own ITM belief) | mean
+    aggregate: str = "itm_softmax"  # pool a query's K fused feats: itm_softmax (teacher's ITM belief) | mean. Ours
     w_int_itc: float = 1.0  # integration objective: ITC of modified features on ground truth (ours)
     w_int_itm: float = 1.0  # integration objective: KL(p_ITM || p_modified) over top-k, both directions (ours)
     w_int_topk_gt: float = 0.0  # integration objective: -log P(positives) over top-k with is_positive (ours; off)
