@@ -158,6 +158,8 @@ def _read_sample(shard: str, key: str, members: list[Member], policy: DecodePoli
         return Sample(key, shard, data, captions, source_mode=header.mode)
     except SampleSkip as skip:
         return _skipped(key, shard, skip.reason, skip.detail)
+    except OSError as err:  # the file vanished or became unreadable after the header scan
+        return _skipped(key, shard, "unreadable_shard", f"reading {key}: {type(err).__name__}: {err}")
 
 
 def iter_shard_samples(
