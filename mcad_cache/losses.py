@@ -330,23 +330,57 @@ def _require(obj: Any, name: str, why: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ plain functions
-def itc_loss(logits_i2t: Tensor) -> Tensor:
+def itc_loss(logits_i2t: Tensor, *, positives: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE of CLIP on ground truth: pair i is image i with caption i.
 
-    Source: CLIP (Radford et al. 2021, Fig. 3 pseudo-code); open_clip ``ClipLoss``.
+    Source: CLIP (Radford et al. 2021, Fig. 3 pseudo-code); open_clip ``ClipLoss``. With ``positives`` (ours), each
+    row's loss is ``-log Σ_{j positive} softmax(row)_j`` (multi-positive InfoNCE), so in-batch duplicates (the same
+    caption text on two images, as in web alt-text) are not pushed apart; without it this is exactly ``ClipLoss``.
 
     Args:
         logits_i2t: [B, B] ``logit_scale * image_emb @ text_emb.T``; rows are image queries.
+        positives: [B, B] bool or None, ``positives[i, j]`` = caption j also matches image i; the diagonal is
+            always treated as positive.
     Returns:
-        Scalar float32: ``(CE(logits_i2t, arange B) + CE(logits_i2t.T, arange B)) / 2``.
+        Scalar float32: ``(CE(logits_i2t, arange B) + CE(logits_i2t.T, arange B)) / 2`` (multi-positive form when
+        ``positives`` is given).
     Raises:
-        ValueError: ``logits_i2t`` is not square.
+        ValueError: ``logits_i2t`` is not square, or ``positives`` has another shape.
     """
     if logits_i2t.ndim != 2 or logits_i2t.shape[0] != logits_i2t.shape[1]:
         raise ValueError(f"itc_loss needs square [B, B] logits, got {tuple(logits_i2t.shape)}")
     logits = logits_i2t.float()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    n = logits.shape[0]
+    if positives is None:
+        labels = torch.arange(n, device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    if positives.shape != logits.shape:
+        raise ValueError(f"positives {tuple(positives.shape)} must match logits {tuple(logits.shape)}")
+    pos = positives.bool().to(logits.device) | torch.eye(n, dtype=torch.bool, device=logits.device)
+    rows = -torch.logsumexp(F.log_softmax(logits, -1).masked_fill(~pos, float("-inf")), -1).mean()
+    cols = -torch.logsumexp(F.log_softmax(logits.t(), -1).masked_fill(~pos.t(), float("-inf")), -1).mean()
+    return (rows + cols) / 2
+
+
+def duplicate_positives(image_keys: list[str], captions: list[str]) -> Tensor:
+    """In-batch positives for ``itc_loss``: pairs (i, j) whose images are the same sample or whose captions are the
+    same text (compared after ``strip().lower()``).
+
+    Args:
+        image_keys: B sample keys (``__key__``) of the anchor images.
+        captions: B anchor captions.
+    Returns:
+        [B, B] bool on CPU, True on the diagonal.
+    Raises:
+        ValueError: the two lists differ in length.
+    """
+    if len(image_keys) != len(captions):
+        raise ValueError(f"{len(image_keys)} image keys vs {len(captions)} captions")
+    keys = list(image_keys)
+    texts = [c.strip().lower() for c in captions]
+    same_key = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
+    same_text = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.bool)
+    return same_key | same_text
 
 
 def masked_log_softmax(logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -354,8 +388,8 @@ def masked_log_softmax(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Args:
         logits: [..., K] float (upcast to float32).
-        mask: [..., K] bool or None (all valid). Rows with no valid entry come back as all ``-inf``... except that
-            to stay NaN-free they are computed as if all entries were valid; callers drop those rows.
+        mask: [..., K] bool or None (all valid). A row with no valid entry is computed as if all its entries were
+            valid (so it stays NaN-free); callers drop such rows.
     Returns:
         [..., K] float32 log-probabilities.
     """
@@ -789,13 +823,17 @@ class MCADLoss(nn.Module):
         return mixture_log_probs(logits, weights=weights, temperature=tau, mask=mask)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> dict[str, Tensor]:
+    def forward(
+        self, student: StudentOutputs, teacher: TeacherTargets, *, positives: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Compute every enabled term.
 
         Args:
             student: the student's outputs (see ``StudentOutputs``), with gradient.
             teacher: cached teacher targets (see ``TeacherTargets``); ``LossConfig.required_inputs()`` lists the
                 fields needed.
+            positives: optional [B, B] bool in-batch positives for the ITC terms (``duplicate_positives``): the same
+                image or the same caption text on two anchors. None = only the diagonal (open_clip ``ClipLoss``).
         Returns:
             ``{"itc_loss", "kd_i2t_loss", "kd_t2i_loss", "topk_i2t_loss", "topk_t2i_loss", "feat_loss",
             "integration_loss"}`` restricted to ``config.loss_keys()``, each a weighted scalar float32, plus
@@ -806,9 +844,11 @@ class MCADLoss(nn.Module):
         # Everything in float32, also inside a bf16/fp16 autocast region of the training step: autocast would
         # otherwise run the similarity matmuls and the heads in low precision.
         with torch.autocast(device_type=student.image_emb.device.type, enabled=False):
-            return self._forward_fp32(student, teacher)
+            return self._forward_fp32(student, teacher, positives)
 
-    def _forward_fp32(self, student: StudentOutputs, teacher: TeacherTargets) -> dict[str, Tensor]:
+    def _forward_fp32(
+        self, student: StudentOutputs, teacher: TeacherTargets, positives: Tensor | None
+    ) -> dict[str, Tensor]:
         cfg = self.config
         teacher = _zero_invalid(teacher)
         out: dict[str, Tensor] = {}
@@ -818,7 +858,7 @@ class MCADLoss(nn.Module):
         logits_i2t = scale * img @ txt.t()
 
         if cfg.w_itc > 0:
-            out["itc_loss"] = cfg.w_itc * itc_loss(logits_i2t)
+            out["itc_loss"] = cfg.w_itc * itc_loss(logits_i2t, positives=positives)
 
         modified = self._modified(teacher) if self.integration is not None else None
 
@@ -875,19 +915,22 @@ class MCADLoss(nn.Module):
             )
 
         if modified is not None and cfg.w_integration > 0:
-            out["integration_loss"] = cfg.w_integration * self._integration_objective(teacher, modified)
+            out["integration_loss"] = cfg.w_integration * self._integration_objective(teacher, modified, positives)
 
         out["loss"] = sum(out.values(), torch.zeros((), device=img.device))
         return out
 
-    def _integration_objective(self, teacher: TeacherTargets, modified: dict[str, Tensor]) -> Tensor:
+    def _integration_objective(
+        self, teacher: TeacherTargets, modified: dict[str, Tensor], positives: Tensor | None = None
+    ) -> Tensor:
         """Trains only the integration module: ITC of modified anchors on ground truth + ITM consistency over top-k
         (+ optional ground-truth CE over top-k). Scalar float32."""
         cfg = self.config
         total = torch.zeros((), device=modified["image"].device)
         tau_c = self._tau_clip(teacher)
         if cfg.w_int_itc > 0:
-            total = total + cfg.w_int_itc * itc_loss(modified["image"] @ modified["text"].t() / tau_c)
+            logits = modified["image"] @ modified["text"].t() / tau_c
+            total = total + cfg.w_int_itc * itc_loss(logits, positives=positives)
         for d in ("i2t", "t2i"):
             key = f"topk_sims_{d}"
             if key not in modified:
@@ -944,6 +987,7 @@ __all__ = [
     "StudentOutputs",
     "TargetIntegration",
     "TeacherTargets",
+    "duplicate_positives",
     "feature_loss",
     "itc_loss",
     "itm_scores",

@@ -530,3 +530,25 @@ def test_nan_in_invalid_candidate_slots_changes_nothing():
     out["loss"].backward()
     grads = [p.grad for p in loss_fn.parameters()] + [student.image_emb.grad, student.topk_text_emb.grad]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_itc_multi_positive_against_slow_reference():
+    g = _gen(18)
+    logits = 4 * torch.randn(4, 4, generator=g)
+    # Identity positives: exactly the plain (open_clip) ITC.
+    assert itc_loss(logits, positives=torch.eye(4, dtype=torch.bool)).item() == pytest.approx(
+        itc_loss(logits).item(), rel=1e-6
+    )
+    keys = ["a", "b", "c", "a"]  # anchor 3 is another caption of image "a"
+    caps = ["A dog ", "a cat", "a dog", "x"]  # caption 2 repeats caption 0's text
+    pos = L.duplicate_positives(keys, caps)
+    expected_pos = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(pos, expected_pos)
+    total = 0.0
+    for mat, p in ((logits, pos), (logits.t(), pos.t())):
+        for i in range(4):
+            probs = _slow_softmax(mat[i].tolist())
+            total += -math.log(sum(probs[j] for j in range(4) if p[i, j])) / 4
+    assert itc_loss(logits, positives=pos).item() == pytest.approx(total / 2, rel=1e-5)
+    with pytest.raises(ValueError):
+        itc_loss(logits, positives=torch.ones(3, 3, dtype=torch.bool))
