@@ -497,3 +497,52 @@ def test_tiny_albef_under_bf16_autocast_on_cpu(tiny_albef_teacher):
     torch.testing.assert_close(image_emb, t.encode_image(images), rtol=0.05, atol=0.02)
     torch.testing.assert_close(text_emb, t.encode_text(tokens), rtol=0.05, atol=0.02)
     torch.testing.assert_close(itm_logits, t.itm(images, tokens)[0], rtol=0.05, atol=0.02)
+
+
+def test_tiny_albef_through_the_cache_builder(tiny_bert_tokenizer_dir, tmp_path, monkeypatch):
+    # Integration: the build pipeline's cached ITC embeddings and top-k ITM logits / fused [CLS] equal this teacher's
+    # own outputs for the same (image, caption) pairs.
+    import io
+    import json
+
+    import webdataset as wds
+    from mcad_cache.pipelines.build_cache import run
+    from PIL import Image
+
+    from mcad_cache.cache import open_cache
+    from mcad_cache.config import BuildConfig, load_config
+    from mcad_cache.data.transforms import make_image_transform
+
+    g = torch.Generator().manual_seed(0)
+    pngs, captions = {}, {}
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as tw:
+        for i, caps in enumerate([["a red dog", "a dog on grass"], ["two cats"], ["a man riding a car", "a car"]]):
+            buf = io.BytesIO()
+            Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()).save(buf, "PNG")
+            key = f"{i:04d}"
+            pngs[key], captions[key] = buf.getvalue(), caps
+            tw.write({"__key__": key, "png": buf.getvalue(), "json": json.dumps({"captions": caps}).encode()})
+    t = create_teacher("albef", model="tiny", tokenizer=str(tiny_bert_tokenizer_dir), device="cpu")
+    from mcad_cache.pipelines import build_cache
+
+    # The CLI cannot pass a tokenizer folder: hand the pipeline this teacher.
+    monkeypatch.setattr(build_cache, "create_teacher", lambda name, **kw: t)
+    cfg = load_config(
+        BuildConfig, teacher="albef", data=(str(tmp_path / "shard-000.tar"),), out=str(tmp_path / "cache"), k=2,
+        workers=0, batch_size=4, device="cpu", emb_dtype="fp32",
+    )  # fmt: skip
+    run(cfg)
+    reader = open_cache(str(tmp_path / "cache"))
+    assert reader.kind == "single" and reader.logit_scale == pytest.approx(t.logit_scale)
+    transform = make_image_transform(t.preprocess_cfg)
+    keys = [str(k) for k in reader.image_keys]
+    images = torch.stack([transform(Image.open(io.BytesIO(pngs[k])).convert("RGB")) for k in keys])
+    torch.testing.assert_close(
+        torch.as_tensor(reader.image_emb(list(range(len(keys))))), t.encode_image(images), atol=1e-5, rtol=1e-4
+    )
+    top = reader.topk("i2t", list(range(len(keys))))
+    for row in range(len(keys)):
+        cands = [str(reader.captions[j]) for j in top["idx"][row]]
+        itm_logits, fused_cls = t.itm(images[row : row + 1].expand(len(cands), -1, -1, -1), t.tokenize(cands))
+        torch.testing.assert_close(torch.as_tensor(top["itm_logits"][row]), itm_logits, atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(torch.as_tensor(top["fused_cls"][row]), fused_cls, atol=2e-2, rtol=1e-2)
