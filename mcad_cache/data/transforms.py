@@ -178,7 +178,8 @@ def make_image_transform(cfg: Mapping[str, Any]) -> Callable[[Image.Image], torc
         A picklable callable: RGB ``PIL.Image`` -> ``[3, H, W]`` float32 tensor, ``(x / 255 - mean) / std``.
         With the cfg of an open_clip model it gives the same tensor as open_clip's own ``preprocess``
         (``open_clip/transform.py`` ``image_transform``, ``is_train=False``); with the ALBEF cfg the same as
-        ALBEF's test transform.
+        ALBEF's test transform. (One known difference: for a non-square target with ``"shortest"``, open_clip's
+        ``ResizeKeepRatio`` always uses bicubic; here the cfg's interpolation is used.)
     Raises:
         ValueError: an invalid cfg (see ``validate_preprocess_cfg``).
     """
