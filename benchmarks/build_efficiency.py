@@ -127,7 +127,7 @@ def run_teacher(name: str, args: argparse.Namespace, work: Path, device: torch.d
 
     quick = args.quick
     n = args.num_samples_clip if name == "clip" else args.num_samples_albef
-    batch = args.batch_size if args.batch_size > 0 else min(16, n)
+    batch = min(args.batch_size, n) if args.batch_size > 0 else min(16, n)
     reps = args.reps_clip if name == "clip" else args.reps_albef
     if quick:
         n, batch, reps = 8, 8, 1

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.student, args.loader_batches = "tiny", 0
     C.setup_run(args)
     device = C.resolve_device(args.device)
-    work = C.scratch_dir(args, NAME + ("-quick" if args.quick else ""))
+    work = C.scratch_dir(args, "distill-data" + ("-quick" if args.quick else ""))  # shared with offline_vs_online
     info = C.machine_info()
     C.print_machine(info)
 
