@@ -85,7 +85,7 @@ def _print(desc: dict[str, Any]) -> None:
         head.add_row(k, v)
     console.print(head, soft_wrap=True)
     arrays = Table(title="arrays")
-    for col in ("name", "dims", "shape", "dtype", "chunks", "shards", "stored"):
+    for col in ("name", "dims", "shape", "dtype", "chunks", "stored"):
         arrays.add_column(col)
     for name, a in desc["arrays"].items():
         arrays.add_row(
@@ -94,7 +94,6 @@ def _print(desc: dict[str, Any]) -> None:
             str(tuple(a["shape"])),
             a["dtype"],
             str(tuple(a["chunks"])),
-            str(tuple(a["shards"])) if a["shards"] else "",
             _fmt_bytes(a["stored_bytes"]),
         )
     console.print(arrays)

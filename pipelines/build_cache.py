@@ -19,16 +19,17 @@ Passes (``docs/cache-format.md`` describes the result):
    it). i2t results are written per image unit; t2i results go to scratch files grouped by image. 3b, text-major:
    each text unit gathers its t2i results from the scratch files.
 
-Resume: work is committed per unit of ``rows_per_chunk`` rows (one Zarr chunk, or one shard of a sharded array,
-written by one writer) followed by a done marker. Rerunning the same command skips committed units and recomputes the
-rest; batches never cross unit borders and are formed in row order, so a resumed build stores the same values as an
-uninterrupted one. The manifest's ``complete`` flag is written last.
+Resume: work is committed per unit of ``rows_per_chunk`` rows (one Zarr chunk, or several whole chunks of the
+finer-chunked fused arrays, written by one writer) followed by a done marker. Rerunning the same command skips
+committed units and recomputes the rest; batches never cross unit borders and are formed in row order, so a resumed
+build stores the same values as an uninterrupted one. The manifest's ``complete`` flag is written last.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import time
@@ -70,6 +71,7 @@ CANDIDATE_RULE = (
     "global top-k over all valid rows by ITC cosine similarity of the stored embeddings (float64 accumulation, "
     "float32 result), descending, ties to the lower row"
 )
+FUSED_ROWS_PER_CHUNK = 4  # fused arrays: 4 rows per chunk (measured: docs/cache-format.md, "Read speed")
 MAX_SKIP_EXAMPLES = 100  # (shard, key, reason) examples kept in the manifest
 
 
@@ -204,7 +206,7 @@ def _fingerprint(
             "emb_dtype": config.emb_dtype,
             "fused_dtype": config.fused_dtype if teacher.kind == "single" else "none",
             "rows_per_chunk": config.rows_per_chunk,
-            "fused_rows_per_chunk": 1,
+            "fused_rows_per_chunk": math.gcd(FUSED_ROWS_PER_CHUNK, config.rows_per_chunk),
         },
         "precision": precision,
         "data": {"shards": [{"name": os.path.basename(s), "sha256": h} for s, h in zip(shards, hashes, strict=True)]},
@@ -530,6 +532,7 @@ def _create(
         emb_dtype=config.emb_dtype,
         fused_dtype=config.fused_dtype if teacher.kind == "single" else "none",
         rows_per_chunk=config.rows_per_chunk,
+        fused_rows_per_chunk=math.gcd(FUSED_ROWS_PER_CHUNK, config.rows_per_chunk),
     )
     report = rows.report.to_dict()
     manifest = {

@@ -49,6 +49,7 @@ def _write_cache(path, *, kind="single", fused_dtype="fp16", invalid_image=None,
         fused_dim=6 if kind == "single" else 0,
         fused_dtype=fused_dtype if kind == "single" else "none",
         rows_per_chunk=2,
+        fused_rows_per_chunk=1,
     )
     w = CacheWriter.create(path, layout=layout, manifest={"fingerprint": FINGERPRINT, "logit_scale": 100.0})
     iv = np.ones(n_i, bool)
@@ -229,7 +230,9 @@ def test_reader_pickles_and_reopens(tmp_path):
 
 
 def test_writer_checks_values_and_alignment(tmp_path):
-    layout = CacheLayout(kind="single", num_images=3, num_texts=3, emb_dim=2, k=2, fused_dim=2, rows_per_chunk=2)
+    layout = CacheLayout(
+        kind="single", num_images=3, num_texts=3, emb_dim=2, k=2, fused_dim=2, rows_per_chunk=2, fused_rows_per_chunk=2
+    )
     w = CacheWriter.create(tmp_path / "c.zarr", layout=layout, manifest={"fingerprint": {}})
     with pytest.raises(ValueError, match="aligned"):
         w.write("image_emb", 1, np.zeros((2, 2), np.float32))

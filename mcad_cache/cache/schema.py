@@ -45,8 +45,8 @@ class CacheLayout:
     fused_dim: int = 0  # C, fused [CLS] width (single-stream with fused_dtype != "none"; else 0)
     emb_dtype: str = "fp16"  # fp16 | fp32 storage of image_emb / text_emb
     fused_dtype: str = "fp16"  # fp16 | int8 (per-vector fp32 scale) | none
-    rows_per_chunk: int = 1024  # rows per Zarr chunk (per shard for fused arrays); also the build's commit unit
-    fused_rows_per_chunk: int = 1  # rows per inner chunk of the sharded fused arrays (a training read's granularity)
+    rows_per_chunk: int = 1024  # rows per Zarr chunk and per build commit unit (fused arrays: see below)
+    fused_rows_per_chunk: int = 4  # rows per chunk of the fused arrays (a training batch reads only its rows' chunks)
 
     def __post_init__(self) -> None:
         if self.kind not in ("dual", "single"):
@@ -105,24 +105,18 @@ class ArraySpec:
     dtype: str  # numpy dtype name, or "str" for variable-length UTF-8
     fill_value: Any  # what an unwritten element reads as (-1 ids, NaN floats, False flags)
     doc: str  # meaning, units
-    sharded: bool = False  # sharded along rows (fused features): inner chunks of fused_rows_per_chunk rows
+    small_chunks: bool = False  # fused features: chunks of fused_rows_per_chunk rows (units span several chunks)
 
     def shape(self, layout: CacheLayout) -> tuple[int, ...]:
         sizes = layout.dim_sizes()
         return tuple(sizes[d] for d in self.dims)
 
     def chunks(self, layout: CacheLayout) -> tuple[int, ...]:
-        """Chunk shape: ``rows_per_chunk`` along the first dimension (never 0), full extent along the others."""
+        """Chunk shape: ``rows_per_chunk`` rows (``fused_rows_per_chunk`` for the fused arrays) along the first
+        dimension, full extent along the others (never 0)."""
         shape = self.shape(layout)
-        rows = layout.fused_rows_per_chunk if self.sharded else layout.rows_per_chunk
+        rows = layout.fused_rows_per_chunk if self.small_chunks else layout.rows_per_chunk
         return (max(1, rows), *(max(1, s) for s in shape[1:]))
-
-    def shards(self, layout: CacheLayout) -> tuple[int, ...] | None:
-        """Shard shape for sharded arrays (one build unit = one shard), else None."""
-        if not self.sharded:
-            return None
-        shape = self.shape(layout)
-        return (layout.rows_per_chunk, *(max(1, s) for s in shape[1:]))
 
 
 def array_specs(layout: CacheLayout) -> dict[str, ArraySpec]:
@@ -161,14 +155,19 @@ def array_specs(layout: CacheLayout) -> dict[str, ArraySpec]:
             if layout.fused_dtype == "int8":
                 specs += [
                     ArraySpec(
-                        f"{d}_fused", (q, "k", "fused_dim"), "int8", 0, "fused [CLS], int8: x = q * scale", sharded=True
+                        f"{d}_fused",
+                        (q, "k", "fused_dim"),
+                        "int8",
+                        0,
+                        "fused [CLS], int8: x = q * scale",
+                        small_chunks=True,
                     ),
                     ArraySpec(f"{d}_fused_scale", (q, "k"), "float32", np.nan, "per-vector scale max|x| / 127"),
                 ]
             else:
                 specs.append(
                     ArraySpec(
-                        f"{d}_fused", (q, "k", "fused_dim"), "float16", np.nan, "fused [CLS] feature", sharded=True
+                        f"{d}_fused", (q, "k", "fused_dim"), "float16", np.nan, "fused [CLS] feature", small_chunks=True
                     )
                 )
     return {s.name: s for s in specs}

@@ -3,8 +3,9 @@ evaluation and ``inspect``), and the consistency checks of ``inspect --check``.
 
 Layout and meaning of every array: ``mcad_cache.cache.schema`` and ``docs/cache-format.md``.
 
-Crash safety: the builder commits work in *units*, one unit = one chunk (one shard for the sharded fused arrays) of
-``rows_per_chunk`` rows along the query dimension, written by exactly one writer. After a unit's data is written, its
+Crash safety: the builder commits work in *units* of ``rows_per_chunk`` rows along the query dimension: one chunk of
+each array (several whole chunks of the fused arrays, which are chunked finer for fast training reads), written by
+exactly one writer. After a unit's data is written, its
 done marker (one element = one chunk of ``build/done_<stage>``) is written. Zarr's ``LocalStore`` writes each chunk
 file atomically (temporary file + rename), so a killed build leaves every chunk either old or new, and a unit whose
 marker is set is fully written. The manifest's ``complete`` flag is written last.
@@ -163,7 +164,6 @@ class CacheWriter:
             spec.name,
             shape=spec.shape(layout),
             chunks=spec.chunks(layout),
-            shards=spec.shards(layout),
             dtype=dtype,
             fill_value=spec.fill_value,
             dimension_names=spec.dims,
@@ -250,7 +250,7 @@ class CacheWriter:
         values = np.asarray(values)
         n = arr.shape[0]
         stop = start + values.shape[0]
-        rpc = spec.shards(self.layout)[0] if spec.sharded else spec.chunks(self.layout)[0]
+        rpc = self.layout.rows_per_chunk  # a unit; a whole number of chunks of every array
         if start % rpc or (stop % rpc and stop != n) or stop > n:
             raise ValueError(f"{name}: write [{start}, {stop}) is not aligned to {rpc}-row chunks of {n} rows")
         if values.shape[1:] != tuple(arr.shape[1:]):
@@ -328,7 +328,7 @@ class CacheReader:
     """Read access to one teacher's cache (``open_cache``). All float outputs are float32 numpy arrays.
 
     Small arrays (keys, maps, validity, embeddings, top-k ids / similarities / flags / ITM logits) are loaded into
-    memory on first use; fused features are read per call (sharded, ``fused_rows_per_chunk`` rows per inner chunk).
+    memory on first use; fused features are read per call (chunks of ``fused_rows_per_chunk`` rows).
     Picklable: a pickled reader carries only its path and reopens the store lazily in the receiving process (one
     reader per DataLoader worker).
     """
@@ -560,7 +560,7 @@ class CacheReader:
         arr = self.group[f"{direction}_fused"]
         data = np.asarray(arr.get_orthogonal_selection((uniq, slice(0, kk), slice(None))))
         if self.layout.fused_dtype == "int8":
-            scale = np.asarray(self.group[f"{direction}_fused_scale"].get_orthogonal_selection((uniq, slice(0, kk))))
+            scale = self._load(f"{direction}_fused_scale")[uniq, :kk]
             data = dequantize_int8(data, scale)
         return data.astype(np.float32)[inverse]
 
@@ -634,7 +634,6 @@ def describe_cache(reader: CacheReader) -> dict[str, Any]:
             "dtype": str(arr.dtype),
             "dims": list(arr.metadata.dimension_names or ()),
             "chunks": list(arr.chunks),
-            "shards": list(arr.shards) if arr.shards else None,
             "stored_bytes": stored,
         }
     n = max(1, reader.num_images)
