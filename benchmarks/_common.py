@@ -493,7 +493,10 @@ class TimingProxy:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.calls[name] = self.calls.get(name, 0) + 1
             first = args[0] if args else None
-            n = len(first) if isinstance(first, (list, Tensor)) else 0
+            if isinstance(first, Mapping) and "input_ids" in first:
+                n = int(first["input_ids"].shape[0])
+            else:
+                n = len(first) if isinstance(first, (list, Tensor)) else 0
             self.items[name] = self.items.get(name, 0) + n
             return out
 
