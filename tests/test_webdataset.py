@@ -178,6 +178,7 @@ def test_expand_shards_braces_globs_dedup(tmp_path):
         _three_samples(tmp_path).rename(tmp_path / f"s-{i:06d}.tar")
     got = expand_shards([str(tmp_path / "s-{000000..000001}.tar"), str(tmp_path / "s-*.tar")])
     assert got == [str(tmp_path / f"s-{i:06d}.tar") for i in range(3)]
+    assert expand_shards(tmp_path) == got  # a folder: the .tar files inside it
 
 
 def test_decode_images_false_yields_bytes(tmp_path):

@@ -49,10 +49,10 @@ _logger = logging.getLogger(__name__)
 
 
 def expand_shards(patterns: str | Iterable[str]) -> list[str]:
-    """Expand shard arguments (paths, globs, brace patterns like ``shard-{000000..000009}.tar``) to sorted paths.
+    """Expand shard arguments (paths, globs, brace patterns like ``shard-{000000..000009}.tar``, folders) to paths.
 
-    Brace patterns are expanded with ``braceexpand`` (as WebDataset does), then each result is globbed; a plain path
-    that matches no file is kept only if it exists.
+    Brace patterns are expanded with ``braceexpand`` (as WebDataset does), then each result is globbed; a folder
+    stands for the ``*.tar`` files directly inside it; paths that do not exist are ignored.
 
     Args:
         patterns: one pattern or several.
@@ -68,7 +68,11 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
     for pattern in patterns:
         for expanded in braceexpand.braceexpand(pattern):
             matches = glob.glob(expanded) if glob.has_magic(expanded) else [expanded]
-            found.update(m for m in matches if os.path.isfile(m))
+            for m in matches:
+                if os.path.isdir(m):  # a folder stands for the .tar files directly inside it
+                    found.update(os.path.join(m, f) for f in os.listdir(m) if f.endswith(".tar"))
+                elif os.path.isfile(m):
+                    found.add(m)
     if not found:
         raise ValueError(f"no shard files match {patterns}")
     return sorted(found)
