@@ -62,7 +62,7 @@ def import_(
 
 @data_app.command("verify")
 def verify(
-    shards: Annotated[list[str], typer.Argument(help="shard paths, globs or brace patterns")],
+    shards: Annotated[list[str], typer.Argument(help="shard paths, globs, brace patterns or folders")],
     json_out: Annotated[str, typer.Option("--json", help="write the full report as JSON here")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
