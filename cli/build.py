@@ -32,6 +32,8 @@ def build(
     rows_per_chunk: Annotated[int, typer.Option(help="rows per Zarr chunk = commit unit")] = None,
     strict: Annotated[bool, typer.Option("--strict/--no-strict", help="stop at the first bad sample")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a cache built differently")] = None,
+    rank: Annotated[int, typer.Option(help="this process's index among --world-size build processes")] = None,
+    world_size: Annotated[int, typer.Option(help="build processes sharing one cache (disjoint units)")] = None,
     config: Annotated[str, typer.Option("--config", help="run.json with BuildConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -63,12 +65,17 @@ def build(
         rows_per_chunk=rows_per_chunk,
         strict=strict,
         overwrite=overwrite,
+        rank=rank,
+        world_size=world_size,
     )
     try:
         result = call_pipeline(build_cache.run, cfg, progress=progress)
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from err
+    if result.status == "rank-done":
+        console.print(f"rank {cfg.rank} of {cfg.world_size}: its units are committed; rank 0 finalizes the cache")
+        return
     if result.status == "complete":
         console.print(f"cache {result.path} is already complete for this build: nothing to do")
     table = Table(title=f"build {cfg.teacher} -> {result.path}: {result.status} in {result.seconds:.1f} s")

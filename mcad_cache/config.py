@@ -54,6 +54,8 @@ class BuildConfig:
     rows_per_chunk: int = 1024  # rows per Zarr chunk / commit unit
     strict: bool = False  # stop at the first bad sample instead of skipping and counting it
     overwrite: bool = False  # replace a cache at `out` built with another fingerprint (default: refuse with a diff)
+    rank: int = 0  # this build process's index among world_size processes writing one cache (disjoint units)
+    world_size: int = 1  # number of build processes sharing the work (each launched with its own --rank)
 
 
 @dataclass(frozen=True)

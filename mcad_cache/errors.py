@@ -27,6 +27,10 @@ class CacheKeyError(McadError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class BuildLockedError(McadError, RuntimeError):
+    """Another process holds the build lock of a cache (two builders must never write the same units)."""
+
+
 class CacheIncompleteError(McadError, RuntimeError):
     """A cache whose manifest is not marked complete (a build was interrupted: rerun it to resume)."""
 

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from mcad_cache.cache.manifest import code_version, file_sha256, fingerprint_diff, format_diff, utc_now
 from mcad_cache.cache.schema import BUILD_GROUP, EMB_DTYPES, FUSED_DTYPES, SCHEMA_VERSION, CacheLayout
-from mcad_cache.cache.store import CacheReader, CacheWriter, open_cache
+from mcad_cache.cache.store import STAGES, CacheReader, CacheWriter, open_cache
 from mcad_cache.cache.topk import chunked_topk, faiss_topk, force_positives, positives_i2t, positives_t2i
 from mcad_cache.config import BuildConfig, config_to_dict
 from mcad_cache.data import (
@@ -58,7 +58,14 @@ from mcad_cache.data import (
     iter_samples,
 )
 from mcad_cache.data.transforms import image_size_hw, make_image_transform
-from mcad_cache.errors import CacheMismatchError, CacheSchemaError, DataSourceError, McadError, NonFiniteError
+from mcad_cache.errors import (
+    BuildLockedError,
+    CacheMismatchError,
+    CacheSchemaError,
+    DataSourceError,
+    McadError,
+    NonFiniteError,
+)
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.base import resolve_device
 
@@ -135,6 +142,8 @@ def _check_config(config: BuildConfig) -> None:
         problems.append("topk_backend=faiss needs faiss-cpu: pip install 'mcad-cache[faiss]'")
     if not config.data:
         problems.append("no --data shards given")
+    if config.world_size < 1 or not 0 <= config.rank < config.world_size:
+        problems.append(f"need 0 <= rank < world_size, got rank={config.rank}, world_size={config.world_size}")
     if problems:
         raise ValueError("build config: " + "; ".join(problems))
 
@@ -150,7 +159,7 @@ class _Rows:
     keys: list[str]
     shard_of: np.ndarray  # [N_i] int32 index into shards
     captions: list[list[str]]
-    report: SkipReport
+    report: SkipReport | None  # pass-0 skips (None when the rows were read back from an existing cache)
     per_shard_rows: list[int]
 
     @property
@@ -381,24 +390,60 @@ def run(config: BuildConfig, *, progress: ProgressFn = _identity) -> BuildResult
         config, teacher, shards, hashes, policy, precision, source.fingerprint if source is not None else None
     )
     out = Path(config.out)
+    with _BuildLock(out, rank=config.rank, world_size=config.world_size):
+        return _run_locked(
+            config,
+            progress=progress,
+            teacher=teacher,
+            shards=shards,
+            hashes=hashes,
+            fingerprint=fingerprint,
+            policy=policy,
+            device=device,
+            precision=precision,
+            source=source,
+            stage_s=stage_s,
+            t_start=t_start,
+        )
 
-    writer = _open_existing(out, fingerprint, overwrite=config.overwrite)
+
+def _run_locked(
+    config: BuildConfig,
+    *,
+    progress: ProgressFn,
+    teacher: Any,
+    shards: list[str],
+    hashes: list[str],
+    fingerprint: dict[str, Any],
+    policy: DecodePolicy,
+    device: torch.device,
+    precision: str,
+    source: CacheReader | None,
+    stage_s: dict[str, float],
+    t_start: float,
+) -> BuildResult:
+    out = Path(config.out)
+    rank, world = config.rank, config.world_size
+    if rank == 0:
+        writer = _open_existing(out, fingerprint, overwrite=config.overwrite)
+    else:
+        writer = _wait_for_layout(out, fingerprint, overwrite=config.overwrite)
     status = "resumed"
     if writer is not None and writer.manifest.get("complete"):
         _logger.info("cache %s is complete and matches this build: nothing to do", out)
         m = writer.manifest
         return BuildResult(path=str(out), status="complete", seconds=time.perf_counter() - t_start, **_counts(m))
     t0 = time.perf_counter()
-    rows = _scan_rows(shards, policy=policy, strict=config.strict, progress=progress)
-    _timed(stage_s, "pass0_layout", t0)
     if writer is None:
         status = "built"
+        rows = _scan_rows(shards, policy=policy, strict=config.strict, progress=progress)
         writer = _create(out, config, teacher, shards, hashes, rows, fingerprint, device, precision)
     else:
-        _logger.info("resuming cache %s", out)
-        if list(writer.group["image_keys"][:].tolist()) != rows.keys:
-            raise CacheMismatchError(f"{out}: the shards' keys differ from the cache's rows; rebuild with --overwrite")
-        writer.update_manifest({"resumed_at": [*writer.manifest.get("resumed_at", []), utc_now()]})
+        _logger.info("resuming cache %s (rank %d of %d)", out, rank, world)
+        rows = _rows_from_store(writer, num_shards=len(shards))
+        if rank == 0:
+            writer.update_manifest({"resumed_at": [*writer.manifest.get("resumed_at", []), utc_now()]})
+    _timed(stage_s, "pass0_layout", t0)
 
     key_to_row = {k: i for i, k in enumerate(rows.keys)}
     transform = make_image_transform(teacher.preprocess_cfg)
@@ -413,24 +458,133 @@ def run(config: BuildConfig, *, progress: ProgressFn = _identity) -> BuildResult
     }
     t0 = time.perf_counter()
     _pass_image_emb(writer, teacher, config, device, precision, common)
+    _wait_done(writer, ("image_emb",))
     _timed(stage_s, "pass1_images", t0)
     t0 = time.perf_counter()
     _pass_text_emb(writer, teacher, config, device, precision, progress)
     _timed(stage_s, "pass1_texts", t0)
     t0 = time.perf_counter()
+    _wait_done(writer, ("text_emb",))
     _pass_topk(writer, config, device, source, progress)
+    _wait_done(writer, ("topk_i2t", "topk_t2i"))
     _timed(stage_s, "pass2_topk", t0)
     if writer.layout.kind == "single":
         t0 = time.perf_counter()
         _pass_itm_images(writer, teacher, config, device, precision, common)
         _timed(stage_s, "pass3a_itm_images", t0)
         t0 = time.perf_counter()
-        _pass_itm_texts(writer, progress)
+        _wait_done(writer, ("itm_scratch",))
+        _pass_itm_texts(writer, config, progress)
         _timed(stage_s, "pass3b_itm_texts", t0)
+    if config.rank != 0:
+        _logger.info("rank %d of %d: all its units are committed; rank 0 finalizes", config.rank, config.world_size)
+        return BuildResult(
+            path=str(out), status="rank-done", seconds=time.perf_counter() - t_start, stage_seconds=stage_s
+        )
+    _wait_done(writer, tuple(s for s in STAGES if writer.layout.kind == "single" or not s.startswith("itm")))
     final = _finalize(writer, rows, shards)
     seconds = time.perf_counter() - t_start
     _logger.info("cache %s %s in %.1f s: %s", out, status, seconds, final)
     return BuildResult(path=str(out), status=status, seconds=seconds, stage_seconds=stage_s, **final)
+
+
+def _mine(mask: np.ndarray, config: BuildConfig) -> list[int]:
+    """Units set in ``mask`` that belong to this rank (unit u belongs to rank u % world_size)."""
+    return [int(u) for u in np.nonzero(mask)[0] if int(u) % config.world_size == config.rank]
+
+
+WAIT_POLL_S = 0.5  # how often a rank polls the done markers of other ranks
+WAIT_LOG_S = 60.0  # how often it logs that it is still waiting
+
+
+def _wait_done(writer: CacheWriter, stages: tuple[str, ...]) -> None:
+    """Block until every unit of ``stages`` is committed (by any rank). Returns at once for a single process."""
+    t0 = last = time.monotonic()
+    while True:
+        missing = {s: int((~writer.done(s)).sum()) for s in stages}
+        if not any(missing.values()):
+            return
+        if time.monotonic() - last > WAIT_LOG_S:
+            last = time.monotonic()
+            _logger.info("waiting %.0f s for other ranks: units not done %s", last - t0, missing)
+        time.sleep(WAIT_POLL_S)
+
+
+def _wait_for_layout(out: Path, fingerprint: dict[str, Any], *, overwrite: bool) -> CacheWriter:
+    """Ranks > 0: wait until rank 0 has created (or validated) the cache, then open it for writing.
+
+    Raises:
+        CacheMismatchError: the cache at ``out`` has another fingerprint (and ``overwrite`` is off, so rank 0 will
+            not replace it).
+    """
+    t0 = last = time.monotonic()
+    while True:
+        if (out / "zarr.json").is_file():
+            try:
+                writer = CacheWriter.open(out)
+            except McadError:
+                writer = None
+            if writer is not None:
+                lines = fingerprint_diff(writer.manifest.get("fingerprint", {}), fingerprint)
+                if lines and not overwrite:
+                    raise CacheMismatchError(f"{out} holds a cache built differently:{format_diff(lines)}")
+                if not lines and writer.done("layout").all():
+                    return writer
+        if time.monotonic() - last > WAIT_LOG_S:
+            last = time.monotonic()
+            _logger.info("waiting %.0f s for rank 0 to create %s", last - t0, out)
+        time.sleep(WAIT_POLL_S)
+
+
+class _BuildLock:
+    """An exclusive ``fcntl.flock`` on ``<out>.lock`` (``<out>.rank<r>.lock`` with several ranks), so that two
+    processes never write the same units. The kernel drops the lock when its process dies (SIGKILL included), so an
+    interrupted build never leaves a stale lock. Removed when the build returns."""
+
+    def __init__(self, out: Path, *, rank: int, world_size: int) -> None:
+        name = out.name + (".lock" if world_size == 1 else f".rank{rank}.lock")
+        self.path = out.parent / name
+        self.fd: int | None = None
+
+    def __enter__(self) -> _BuildLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise BuildLockedError(
+                f"another build is writing {self.path.with_suffix('')} ({holder or 'unknown process'}); "
+                f"wait for it or stop it (lock {self.path})"
+            ) from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {utc_now()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _rows_from_store(writer: CacheWriter, *, num_shards: int) -> _Rows:
+    """The pass-0 layout of an existing cache (its shards' sha256 matched, so it is what pass 0 would find)."""
+    g = writer.group
+    keys = [str(k) for k in g["image_keys"][:].tolist()]
+    shard_of = np.asarray(g["image_shard"][:], dtype=np.int32)
+    offsets = np.asarray(g["img2txt_offsets"][:], dtype=np.int64)
+    caps = [str(c) for c in g["captions"][:].tolist()]
+    captions = [caps[offsets[i] : offsets[i + 1]] for i in range(len(keys))]
+    per_shard = np.bincount(shard_of, minlength=num_shards).tolist() if len(keys) else [0] * num_shards
+    return _Rows(keys, shard_of, captions, None, per_shard)
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -534,6 +688,7 @@ def _create(
         rows_per_chunk=config.rows_per_chunk,
         fused_rows_per_chunk=math.gcd(FUSED_ROWS_PER_CHUNK, config.rows_per_chunk),
     )
+    assert rows.report is not None
     report = rows.report.to_dict()
     manifest = {
         "fingerprint": fingerprint,
@@ -577,7 +732,7 @@ def _pass_image_emb(
     writer: CacheWriter, teacher: Any, config: BuildConfig, device: torch.device, precision: str, common: dict[str, Any]
 ) -> None:
     done = writer.done("image_emb")
-    todo = [int(u) for u in np.nonzero(~done)[0]]
+    todo = _mine(~done, config)
     if not todo:
         return
     lay = writer.layout
@@ -627,7 +782,7 @@ def _pass_text_emb(
     writer: CacheWriter, teacher: Any, config: BuildConfig, device: torch.device, precision: str, progress: ProgressFn
 ) -> None:
     done = writer.done("text_emb")
-    todo = [int(u) for u in np.nonzero(~done)[0]]
+    todo = _mine(~done, config)
     if not todo:
         return
     lay = writer.layout
@@ -657,8 +812,8 @@ def _pass_text_emb(
 def _pass_topk(
     writer: CacheWriter, config: BuildConfig, device: torch.device, source: CacheReader | None, progress: ProgressFn
 ) -> None:
-    stages = ("topk_i2t", "topk_t2i")
-    if all(writer.done(s).all() for s in stages):
+    todo = {d: _mine(~writer.done(f"topk_{d}"), config) for d in ("i2t", "t2i")}
+    if not todo["i2t"] and not todo["t2i"]:
         return
     g = writer.group
     img = np.asarray(g["image_emb"][:], dtype=np.float32)
@@ -670,7 +825,7 @@ def _pass_topk(
     k = writer.layout.k
     for direction, q, gal, qv, gv in (("i2t", img, txt, iv, tv), ("t2i", txt, img, tv, iv)):
         stage = f"topk_{direction}"
-        if writer.done(stage).all():
+        if not todo[direction]:
             continue
         if source is not None:
             sims, idx = _source_candidates(source, writer, direction, q, gal, qv, gv, k)
@@ -693,8 +848,7 @@ def _pass_topk(
             pos_sims = [_dots(q[i], gal[p]) for i, p in enumerate(pos)]
             sims, idx = force_positives(sims, idx, pos, pos_sims)
         flags = positives_i2t(idx, txt2img) if direction == "i2t" else positives_t2i(idx, txt2img)
-        done = writer.done(stage)
-        for unit in progress([int(u) for u in np.nonzero(~done)[0]], f"pass 2: top-k {direction}", int((~done).sum())):
+        for unit in progress(todo[direction], f"pass 2: top-k {direction}", len(todo[direction])):
             a, b = writer.unit_range(stage, unit)
             writer.write(f"{direction}_idx", a, idx[a:b])
             writer.write(f"{direction}_sims", a, sims[a:b], check=False)
@@ -764,7 +918,7 @@ def _pass_itm_images(
     writer: CacheWriter, teacher: Any, config: BuildConfig, device: torch.device, precision: str, common: dict[str, Any]
 ) -> None:
     need = ~(writer.done("itm_i2t") & writer.done("itm_scratch"))
-    todo = [int(u) for u in np.nonzero(need)[0]]
+    todo = _mine(need, config)
     if not todo:
         return
     lay = writer.layout
@@ -856,9 +1010,9 @@ def _check_itm(itm: np.ndarray, keys: list[str] | None, name: str) -> None:
         raise NonFiniteError(f"array {name!r}: non-finite ITM logits for {where}")
 
 
-def _pass_itm_texts(writer: CacheWriter, progress: ProgressFn) -> None:
+def _pass_itm_texts(writer: CacheWriter, config: BuildConfig, progress: ProgressFn) -> None:
     done = writer.done("itm_t2i")
-    todo = [int(u) for u in np.nonzero(~done)[0]]
+    todo = _mine(~done, config)
     if not todo:
         return
     lay = writer.layout

@@ -16,13 +16,13 @@ import torch
 import webdataset as wds
 import zarr
 from fake_teacher import FakeTeacher
-from mcad_cache.pipelines.build_cache import run
+from mcad_cache.pipelines.build_cache import _BuildLock, run
 from PIL import Image
 
 from mcad_cache.cache import check_cache, chunked_topk, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.data.transforms import make_image_transform
-from mcad_cache.errors import CacheMismatchError, DataError, NonFiniteError
+from mcad_cache.errors import BuildLockedError, CacheMismatchError, DataError, NonFiniteError
 
 TESTS = Path(__file__).resolve().parent
 CAPTION_COUNTS = [3, 1, 2]  # repeated: images with 3, 1 and 2 captions
@@ -222,13 +222,60 @@ def test_faiss_backend_build_equals_torch(shards, tmp_path):
         assert np.array_equal(a[name], b[name], equal_nan=True), name
 
 
+def test_lock_refuses_a_second_writer(shards, tmp_path):
+    shard_dir, _ = shards
+    with _BuildLock(tmp_path / "c.zarr", rank=0, world_size=1):
+        with pytest.raises(BuildLockedError, match="another build"):
+            run(_config(shard_dir, tmp_path / "c.zarr"))
+    assert run(_config(shard_dir, tmp_path / "c.zarr")).status == "built"
+    assert not (tmp_path / "c.zarr.lock").exists()
+
+
+RANK = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import fake_teacher  # registers "fake"
+    from mcad_cache.config import BuildConfig
+    from mcad_cache.pipelines.build_cache import run
+
+    print(run(BuildConfig(**{config!r}, rank=int(sys.argv[1]), world_size=int(sys.argv[2]))).status)
+    """
+)
+
+
+def test_two_ranks_equal_one_process(shards, tmp_path):
+    shard_dir, _ = shards
+    kw = {"model": "single", "fused_dtype": "fp16"}
+    run(_config(shard_dir, tmp_path / "one.zarr", **kw))
+    cfg = _config(shard_dir, tmp_path / "two.zarr", **kw)
+    script = tmp_path / "rank.py"
+    fields = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k not in ("rank", "world_size")
+    }
+    script.write_text(RANK.format(tests=str(TESTS), config=fields))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for r in (1, 0)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[0][0].split()[-1] == "rank-done" and outs[1][0].split()[-1] == "built"
+    a, b = _all_arrays(tmp_path / "one.zarr"), _all_arrays(tmp_path / "two.zarr")
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
+    assert check_cache(open_cache(tmp_path / "two.zarr")) == []
+
+
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     import fake_teacher  # registers "fake"
     from mcad_cache.config import BuildConfig
-    from mcad_cache.pipelines.build_cache import run
+    from mcad_cache.pipelines.build_cache import _BuildLock, run
 
     kill_after = int(sys.argv[1])
     seen = [0]
