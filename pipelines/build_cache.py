@@ -5,7 +5,8 @@ Passes (``docs/cache-format.md`` describes the result):
 0. **layout** - read keys and captions of every shard without decoding images (shards in sorted path order, samples
    in tar order). Samples the data layer skips here (missing image or caption, bad captions, duplicate keys, split
    samples, truncated shards) get no row; their counts go into the manifest. Every other sample gets one image row
-   and one text row per caption. All arrays are created with fixed shapes.
+   and one text row per caption. All arrays are created with fixed shapes. (A resumed build reads the rows back from
+   the store: the shards' sha256 are part of the fingerprint.)
 1. **embeddings** - images through a DataLoader (workers decode, the teacher's own transform), texts from the
    captions of pass 0, batched, with autocast on CUDA. An image that fails to decode here (decode error, too many
    pixels, extreme aspect) keeps its row with ``image_valid = False`` (and its captions ``text_valid = False``),
@@ -23,6 +24,9 @@ Resume: work is committed per unit of ``rows_per_chunk`` rows (one Zarr chunk, o
 finer-chunked fused arrays, written by one writer) followed by a done marker. Rerunning the same command skips
 committed units and recomputes the rest; batches never cross unit borders and are formed in row order, so a resumed
 build stores the same values as an uninterrupted one. The manifest's ``complete`` flag is written last.
+``rank`` / ``world_size``: unit u of every stage belongs to rank u % world_size; ranks wait for each other's done
+markers between passes and rank 0 writes the final manifest. A ``flock`` on ``<out>.lock`` (``<out>.rank<r>.lock``)
+keeps a second process from writing the same units.
 """
 
 from __future__ import annotations
