@@ -223,6 +223,8 @@ def test_reader_pickles_and_reopens(tmp_path):
     _, exp = _write_cache(tmp_path / "c.zarr")
     r = open_cache(tmp_path / "c.zarr")
     _ = r.image_keys  # loaded arrays are not pickled
+    assert "i2t_fused" not in open_cache(tmp_path / "c.zarr", preload=True)._mem  # fused: read per call
+    assert "i2t_itm_logits" in open_cache(tmp_path / "c.zarr", preload=True)._mem
     r2 = pickle.loads(pickle.dumps(r))
     assert r2._group is None and r2._mem == {}
     np.testing.assert_array_equal(r2.topk("i2t", [2])["fused_cls"], r.topk("i2t", [2])["fused_cls"])

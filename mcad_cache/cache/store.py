@@ -333,8 +333,15 @@ class CacheReader:
     reader per DataLoader worker).
     """
 
-    def __init__(self, path: str | Path, *, check_schema: bool = True) -> None:
+    def __init__(self, path: str | Path, *, check_schema: bool = True, preload: bool = False) -> None:
         """Open the cache at ``path``.
+
+        Args:
+            path: the cache directory.
+            check_schema: validate the manifest and every array against the schema (cheap: metadata only).
+            preload: load the in-memory arrays now (keys, maps, validity, embeddings, top-k ids / similarities /
+                flags / ITM logits / int8 scales) instead of on first use. A pickled reader drops them and loads what
+                it uses in the receiving process.
 
         Raises:
             CacheNotFoundError: nothing (or no Zarr v3 group) at ``path``.
@@ -351,6 +358,15 @@ class CacheReader:
         else:
             self.manifest = dict(group.attrs.get(MANIFEST_ATTR) or {})
         self.layout = CacheLayout.from_dict(self.manifest.get("layout") or {})
+        if preload:
+            self.preload()
+
+    def preload(self) -> CacheReader:
+        """Load every array that is served from memory (see the class docstring); returns self."""
+        for name, spec in array_specs(self.layout).items():
+            if not spec.small_chunks:
+                self._load(name)
+        return self
 
     # ------------------------------------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -596,8 +612,8 @@ class CacheReader:
         )
 
 
-def open_cache(path: str | Path, mode: str = "r") -> CacheReader:
-    """Open a cache for reading (the builder uses :class:`CacheWriter`).
+def open_cache(path: str | Path, mode: str = "r", *, preload: bool = False) -> CacheReader:
+    """Open a cache for reading (the builder uses :class:`CacheWriter`); ``preload`` loads the in-memory arrays now.
 
     Raises:
         CacheNotFoundError: nothing at ``path``.
@@ -606,7 +622,7 @@ def open_cache(path: str | Path, mode: str = "r") -> CacheReader:
     """
     if mode != "r":
         raise ValueError(f"open_cache reads only (mode='r'); build caches with CacheWriter, got mode={mode!r}")
-    return CacheReader(path)
+    return CacheReader(path, preload=preload)
 
 
 # ------------------------------------------------------------------------------------------------- inspection
