@@ -207,18 +207,23 @@ def protocol(txt2img: Tensor, num_images: int) -> dict[str, Any]:
     }
 
 
-def evaluate_dual(retrieval_set: RetrievalSet, *, chunk_size: int = 1024) -> dict[str, Any]:
+def evaluate_dual(
+    retrieval_set: RetrievalSet, *, chunk_size: int = 1024, device: torch.device | str | None = None
+) -> dict[str, Any]:
     """R@1/5/10 and RSUM of a dual encoder by chunked cosine similarity.
 
     Args:
         retrieval_set: encoded test set (L2-normalised embeddings).
         chunk_size: query rows per similarity chunk (memory: ``chunk_size x max(N_i, N_t)`` floats).
+        device: where the similarity chunks are computed (default: where the embeddings are, the CPU).
     Returns:
         ``{"metrics": {...}, "protocol": {...}}`` with score "cosine".
     """
-    ranks = retrieval_ranks_from_embeddings(
-        retrieval_set.image_emb, retrieval_set.text_emb, retrieval_set.txt2img, chunk_size=chunk_size
+    rs = retrieval_set
+    image_emb, text_emb = (
+        (rs.image_emb, rs.text_emb) if device is None else (rs.image_emb.to(device), rs.text_emb.to(device))
     )
+    ranks = retrieval_ranks_from_embeddings(image_emb, text_emb, rs.txt2img, chunk_size=chunk_size)
     proto = protocol(retrieval_set.txt2img, retrieval_set.num_images) | {"score": "cosine (ITC)", "score_short": "cos"}
     return {"metrics": recall_from_ranks(*ranks), "protocol": proto}
 
@@ -240,9 +245,9 @@ def itc_topk(query_emb: Tensor, gallery_emb: Tensor, *, k: int, chunk_size: int 
     if not 1 <= k <= gallery_emb.shape[0]:
         raise ValueError(f"k={k} must lie in [1, {gallery_emb.shape[0]}]")
     sims, idx = [], []
-    gallery = gallery_emb.float()
+    gallery_t = gallery_emb.float().T.contiguous()  # [D, N_g], once (a transposed view is copied per matmul)
     for s in range(0, query_emb.shape[0], chunk_size):
-        v, i = (query_emb[s : s + chunk_size].float() @ gallery.T).topk(k, dim=1)
+        v, i = (query_emb[s : s + chunk_size].float() @ gallery_t).topk(k, dim=1)
         sims.append(v)
         idx.append(i)
     return torch.cat(sims), torch.cat(idx)

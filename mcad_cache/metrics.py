@@ -36,7 +36,7 @@ def _check_scores(scores: Tensor, name: str) -> Tensor:
     if scores.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D score matrix, got shape {tuple(scores.shape)}")
     scores = scores.float()
-    if torch.isnan(scores).any():
+    if bool(torch.isnan(scores.sum())) and bool(torch.isnan(scores).any()):  # cheap test first: a NaN sum
         raise ValueError(f"{name}: NaN scores (ranks are undefined)")
     return scores
 
@@ -56,13 +56,50 @@ def _check_txt2img(txt2img: Tensor | Sequence[int], num_images: int, num_texts: 
     return txt2img
 
 
-def i2t_ranks_chunk(scores_i2t: Tensor, image_ids: Tensor, txt2img: Tensor) -> Tensor:
+_COUNT_BLOCK = 2048  # columns per block when counting: temporaries stay at C x 2048 (torch sums bools as int64)
+
+
+def _count_at_least(scores: Tensor, threshold: Tensor) -> Tensor:
+    """Per row, how many entries of ``scores`` [C, N] are ``>= threshold`` [C, 1]; counted in column blocks."""
+    count = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    for j in range(0, scores.shape[1], _COUNT_BLOCK):
+        count += (scores[:, j : j + _COUNT_BLOCK] >= threshold).sum(dim=1)
+    return count
+
+
+def caption_table(txt2img: Tensor, num_images: int) -> Tensor:
+    """Padded image -> captions table: row i lists the text indices of image i, then -1.
+
+    Args:
+        txt2img: [N_t] int64, the image index of each text.
+        num_images: N_i.
+    Returns:
+        [N_i, M] int64 with M the largest number of captions of one image.
+    """
+    txt2img = torch.as_tensor(txt2img).long().cpu()
+    counts = torch.bincount(txt2img, minlength=num_images)
+    width = int(counts.max()) if txt2img.numel() else 0
+    order = torch.argsort(txt2img, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(txt2img.numel()) - starts[txt2img[order]]
+    table = torch.full((num_images, max(width, 1)), -1, dtype=torch.long)
+    table[txt2img[order], slot] = order
+    return table
+
+
+def i2t_ranks_chunk(
+    scores_i2t: Tensor, image_ids: Tensor, txt2img: Tensor, *, captions: Tensor | None = None
+) -> Tensor:
     """0-based i2t ranks for a chunk of image queries (pessimistic ties; other own captions never count).
+
+    Memory: nothing of size ``[C, N_t]`` beside the scores (the image's captions are gathered, not masked, and
+    counts are taken in column blocks).
 
     Args:
         scores_i2t: [C, N_t] float scores of C image queries against all N_t texts (any scale; higher = better).
         image_ids: [C] int64, the image index of each query row (its captions are ``txt2img == image_ids[c]``).
         txt2img: [N_t] int64, the image index of each text.
+        captions: :func:`caption_table` of ``txt2img`` (computed here when None; pass it when calling per chunk).
     Returns:
         [C] int64 ranks: number of non-matching texts scored ``>=`` the query's best matching text.
     Raises:
@@ -70,11 +107,18 @@ def i2t_ranks_chunk(scores_i2t: Tensor, image_ids: Tensor, txt2img: Tensor) -> T
     """
     if scores_i2t.shape != (image_ids.numel(), txt2img.numel()):
         raise ValueError(f"scores_i2t shape {tuple(scores_i2t.shape)} != ({image_ids.numel()}, {txt2img.numel()})")
-    positive = txt2img.to(scores_i2t.device)[None, :] == image_ids.to(scores_i2t.device)[:, None]  # [C, N_t]
-    if not bool(positive.any(dim=1).all()):
+    if captions is None:
+        num_images = int(max(int(image_ids.max()) + 1, int(txt2img.max()) + 1)) if image_ids.numel() else 0
+        captions = caption_table(txt2img, num_images)
+    caps = captions[image_ids.cpu().long()].to(scores_i2t.device)  # [C, M]
+    has = caps >= 0
+    if not bool(has.any(dim=1).all()):
         raise ValueError("i2t_ranks_chunk: an image query has no caption")
-    best = scores_i2t.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # [C, 1]
-    return ((scores_i2t >= best) & ~positive).sum(dim=1).cpu()
+    own = scores_i2t.gather(1, caps.clamp(min=0)).masked_fill(~has, float("-inf"))  # [C, M]
+    best = own.amax(dim=1, keepdim=True)  # [C, 1]
+    at_least = _count_at_least(scores_i2t, best)  # own captions included
+    own_at_least = ((own >= best) & has).sum(dim=1)
+    return (at_least - own_at_least).cpu()
 
 
 def t2i_ranks_chunk(scores_t2i: Tensor, target_image: Tensor) -> Tensor:
@@ -90,7 +134,7 @@ def t2i_ranks_chunk(scores_t2i: Tensor, target_image: Tensor) -> Tensor:
         raise ValueError(f"scores_t2i shape {tuple(scores_t2i.shape)} does not fit {target_image.numel()} queries")
     target_image = target_image.to(scores_t2i.device).long()
     target = scores_t2i.gather(1, target_image[:, None])  # [C, 1]
-    at_least = (scores_t2i >= target).sum(dim=1)  # includes the target itself
+    at_least = _count_at_least(scores_t2i, target)  # includes the target itself
     return (at_least - 1).cpu()
 
 
@@ -130,8 +174,11 @@ def retrieval_ranks(
     sims_i2t = _check_scores(sims_i2t, "sims_i2t")
     num_images, num_texts = sims_i2t.shape
     txt2img = _check_txt2img(txt2img, num_images, num_texts)
+    captions = caption_table(txt2img, num_images)
     ranks_i2t = [
-        i2t_ranks_chunk(sims_i2t[s : s + chunk_size], torch.arange(s, min(s + chunk_size, num_images)), txt2img)
+        i2t_ranks_chunk(
+            sims_i2t[s : s + chunk_size], torch.arange(s, min(s + chunk_size, num_images)), txt2img, captions=captions
+        )
         for s in range(0, num_images, chunk_size)
     ]
     ranks_t2i = [
@@ -181,12 +228,24 @@ def retrieval_ranks_from_embeddings(
     num_images, num_texts = image_emb.shape[0], text_emb.shape[0]
     txt2img = _check_txt2img(txt2img, num_images, num_texts)
     ranks_i2t, ranks_t2i = [], []
+    captions = caption_table(txt2img, num_images)
+    # Contiguous [D, N] galleries, made once: a matmul with a transposed view copies it on every call.
+    text_t, image_t = text_emb.T.contiguous(), image_emb.T.contiguous()
+    # One preallocated [chunk, N] score buffer per direction, filled with torch.mm(out=): the allocator never holds
+    # more than that, whatever the number of chunks.
+    buffer = torch.empty(
+        min(chunk_size, max(num_images, num_texts)) * max(num_images, num_texts), device=image_emb.device
+    )
     for s in range(0, num_images, chunk_size):
-        scores = _check_scores(image_emb[s : s + chunk_size] @ text_emb.T, "sims_i2t")
-        ranks_i2t.append(i2t_ranks_chunk(scores, torch.arange(s, min(s + chunk_size, num_images)), txt2img))
+        rows = torch.arange(s, min(s + chunk_size, num_images))
+        scores = buffer[: len(rows) * num_texts].view(len(rows), num_texts)
+        torch.mm(image_emb[s : s + len(rows)], text_t, out=scores)
+        ranks_i2t.append(i2t_ranks_chunk(_check_scores(scores, "sims_i2t"), rows, txt2img, captions=captions))
     for s in range(0, num_texts, chunk_size):
-        scores = _check_scores(text_emb[s : s + chunk_size] @ image_emb.T, "sims_t2i")
-        ranks_t2i.append(t2i_ranks_chunk(scores, txt2img[s : s + chunk_size]))
+        n = min(chunk_size, num_texts - s)
+        scores = buffer[: n * num_images].view(n, num_images)
+        torch.mm(text_emb[s : s + n], image_t, out=scores)
+        ranks_t2i.append(t2i_ranks_chunk(_check_scores(scores, "sims_t2i"), txt2img[s : s + n]))
     return _cat(ranks_i2t), _cat(ranks_t2i)
 
 
@@ -286,6 +345,7 @@ def _cat(parts: list[Tensor]) -> Tensor:
 __all__ = [
     "METRIC_KEYS",
     "RECALL_KS",
+    "caption_table",
     "i2t_ranks_chunk",
     "recall_from_ranks",
     "retrieval_metrics",

@@ -128,7 +128,7 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = _identit
                 chunk_size=config.chunk_size, precision=config.precision, progress=progress,
             )  # fmt: skip
         else:
-            result = evaluate_dual(rs, chunk_size=config.chunk_size)
+            result = evaluate_dual(rs, chunk_size=config.chunk_size, device=device)
             result["notices"] = []
     out_path = _default_out(config, kind, folder)
     results = {
