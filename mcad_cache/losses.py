@@ -690,6 +690,7 @@ class MCADLoss(nn.Module):
         student_text_feat_dim: int | None = None,
         clip_dim: int | None = None,
         fused_dim: int | None = None,
+        gather: bool = False,
     ) -> None:
         """Args:
             config: weights and temperatures.
@@ -697,6 +698,11 @@ class MCADLoss(nn.Module):
             student_image_feat_dim, student_text_feat_dim: F_img / F_txt (needed when ``feat_source="feat"``).
             clip_dim: Dc (needed for feature alignment and modified features).
             fused_dim: C of the fused [CLS] (needed for modified features).
+            gather: under ``torch.distributed`` with more than one rank, compute the in-batch terms (ITC, in-batch
+                KD, the integration ITC) on the batch all-gathered from every rank, with gradients (open_clip
+                ``ClipLoss(gather_with_grad=True, local_loss=False)``): every rank gets the same global in-batch loss
+                and DDP's gradient averaging gives the gradient of that loss. Per-query terms (top-k, features) stay
+                local; with equal local batches their DDP average is the global mean. No effect on one process.
 
         Raises:
             ValueError: a dimension the config needs is missing, or a bad config.
@@ -704,6 +710,7 @@ class MCADLoss(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.gather = bool(gather)
         self.feat_head_image: nn.Module | None = None
         self.feat_head_text: nn.Module | None = None
         self.integration: TargetIntegration | None = None
@@ -855,20 +862,28 @@ class MCADLoss(nn.Module):
         img = student.image_emb.float()
         txt = student.text_emb.float()
         scale = student.logit_scale.float()
-        logits_i2t = scale * img @ txt.t()
+        gather = _gather_with_grad if self.gather and _world_size() > 1 else _identity
+        img_all, txt_all = gather(img), gather(txt)
+        if positives is not None and positives.shape != (img_all.shape[0], img_all.shape[0]):
+            raise ValueError(
+                f"positives {tuple(positives.shape)} must be [N, N] over the (gathered) batch of {img_all.shape[0]}"
+            )
+        logits_i2t = scale * img_all @ txt_all.t()
 
         if cfg.w_itc > 0:
             out["itc_loss"] = cfg.w_itc * itc_loss(logits_i2t, positives=positives)
 
         modified = self._modified(teacher) if self.integration is not None else None
+        if modified is not None:
+            modified["image_all"], modified["text_all"] = gather(modified["image"]), gather(modified["text"])
 
         # in-batch KD from the dual-stream teacher (modified when modified_features)
         if cfg.w_kd_i2t > 0 or cfg.w_kd_t2i > 0:
             if modified is not None:
-                v_t, t_t = modified["image"].detach(), modified["text"].detach()
+                v_t, t_t = modified["image_all"].detach(), modified["text_all"].detach()
             else:
-                v_t = _require(teacher, "clip_image_emb", "in-batch KD").float()
-                t_t = _require(teacher, "clip_text_emb", "in-batch KD").float()
+                v_t = gather(_require(teacher, "clip_image_emb", "in-batch KD").float())
+                t_t = gather(_require(teacher, "clip_text_emb", "in-batch KD").float())
             teacher_i2t = v_t @ t_t.t() / self._tau_clip(teacher)
             tau = cfg.kd_temperature
             if cfg.w_kd_i2t > 0:
@@ -929,7 +944,8 @@ class MCADLoss(nn.Module):
         total = torch.zeros((), device=modified["image"].device)
         tau_c = self._tau_clip(teacher)
         if cfg.w_int_itc > 0:
-            logits = modified["image"] @ modified["text"].t() / tau_c
+            v_all, t_all = modified.get("image_all", modified["image"]), modified.get("text_all", modified["text"])
+            logits = v_all @ t_all.t() / tau_c
             total = total + cfg.w_int_itc * itc_loss(logits, positives=positives)
         for d in ("i2t", "t2i"):
             key = f"topk_sims_{d}"
@@ -959,6 +975,45 @@ class MCADLoss(nn.Module):
             return {}
         g_img, g_txt = self.integration.gates()
         return {"gate_image": float(g_img), "gate_text": float(g_txt)}
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 with a backward that sums every rank's gradient into the owner's slice (public
+    ``torch.distributed`` calls only; works on gloo and NCCL)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.size = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def _gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather [B, ...] from every rank into [W * B, ...] in rank order, differentiable. Equal B on every rank
+    is required (DDP's equal steps)."""
+    return _AllGather.apply(x)
 
 
 def student_outputs(
