@@ -26,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,62 @@ def teacher_units(clip: Any, albef: Any, images_clip: torch.Tensor, images_albef
     }
 
 
+def direct_online_step(setup: C.DistillSetup, raw: dict[str, Any], clip: Any, albef: Any, *, anchors: int,
+                       step: int) -> dict[str, Any]:  # fmt: skip
+    """One real online step on the first ``anchors`` samples of ``raw``: both teachers compute the targets of the
+    join (every image and caption the step uses, every top-k pair) from decoded inputs, then the student step.
+    Returns the seconds of each part and the batch's counts (to check the composed estimate)."""
+    from mcad_cache.data.decode import decode_image
+    from mcad_cache.data.transforms import make_image_transform
+
+    small = {"key": raw["key"][:anchors], "captions": raw["captions"][:anchors], "image": raw["image"][:anchors]}
+    batch = setup.join(small, step)
+    counts = C.batch_counts(batch)
+    index = setup.candidate_images.fn.index
+    t = batch.targets
+    valid_i2t, valid_t2i = t.valid_i2t, t.valid_t2i
+    # image keys in the student's image order: anchors, then the fetched candidates (the joiner's order)
+    extra_keys = sorted({str(setup.single.image_keys[r]) for r in _t2i_rows(setup, batch)} - set(batch.keys))
+    keys = list(batch.keys) + extra_keys
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        policy = setup.candidate_images.fn.policy
+        raw_images = [decode_image(index.read_image_bytes(k), policy=policy) for k in keys]
+        clip_in = torch.stack([make_image_transform(clip.preprocess_cfg)(im) for im in raw_images])
+        albef_in = torch.stack([make_image_transform(albef.preprocess_cfg)(im) for im in raw_images])
+        t_decode = time.perf_counter() - t0
+        clip.encode_image(clip_in)
+        clip.encode_text(clip.tokenize(batch.texts))
+        t_clip = time.perf_counter() - t0 - t_decode
+        img_tokens = albef.image_tokens(albef_in)
+        albef.encode_image_from_tokens(img_tokens)
+        tok = albef.tokenize(batch.texts)
+        txt_tokens = albef.text_tokens(tok)
+        albef.encode_text_from_tokens(txt_tokens)
+        b_i, j_i = torch.nonzero(valid_i2t, as_tuple=True)
+        b_t, j_t = torch.nonzero(valid_t2i, as_tuple=True)
+        pair_img = torch.cat([b_i, batch.topk_image_index[b_t, j_t]])
+        pair_txt = torch.cat([batch.topk_text_index[b_i, j_i], b_t])
+        mask = tok["attention_mask"]
+        for s in range(0, pair_img.numel(), 16):
+            pi, pt = pair_img[s : s + 16], pair_txt[s : s + 16]
+            albef.itm_from_text_tokens(img_tokens[pi], txt_tokens[pt], mask[pt])
+        t_albef = time.perf_counter() - t0 - t_decode - t_clip
+    t_student, _ = C.timed(lambda: setup.step(batch, which="mcad", step=step))
+    return {"anchors": anchors, "counts": counts, "decode_s": t_decode, "clip_s": t_clip, "albef_s": t_albef,
+            "student_step_s": t_student, "total_s": t_decode + t_clip + t_albef + t_student}  # fmt: skip
+
+
+def _t2i_rows(setup: C.DistillSetup, batch: Any) -> list[int]:
+    """Single-stream cache rows of the batch's t2i candidate images (valid slots)."""
+    import numpy as np
+
+    text_keys = [f"{k}#0" for k in batch.keys]
+    rows = setup.single.text_rows(text_keys)
+    top = setup.single.topk("t2i", rows, k=setup.k, fused=False)
+    return [int(x) for x in np.asarray(top["idx"])[np.asarray(top["valid"])].tolist()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_common_args(parser)
@@ -93,10 +150,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--experiments", default="1,5,20")
     parser.add_argument("--dataset-size", type=int, default=COCO_TRAIN_IMAGES)
     parser.add_argument("--build-json", default="", help="build_efficiency JSON (default .work/benchmarks/...)")
+    parser.add_argument(
+        "--direct-anchors",
+        type=int,
+        default=0,
+        help="also run one real online step with this many anchors (0 = off) to check the composition",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.batch_size, args.k, args.reps, args.workers = 48, 4, 3, 1, 0
-        args.student, args.unit_images, args.unit_texts = "tiny", 2, 4
+        args.student, args.unit_images, args.unit_texts, args.direct_anchors = "tiny", 2, 4, 0
     C.setup_run(args)
     device = C.resolve_device(args.device)
     from mcad_cache.data import iter_samples
@@ -191,6 +254,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         experiments.append({"experiments": n, "online_s": on, "offline_s": off, "online_over_offline": on / off,
                             "offline_build_share": args.dataset_size * build_per_sample / off})  # fmt: skip
 
+    direct = None
+    if args.direct_anchors > 0:
+        print(f"one real online step with {args.direct_anchors} anchors ...", flush=True)
+        direct = direct_online_step(setup, raws[-1], clip, albef, anchors=args.direct_anchors, step=99)
+        c = direct["counts"]
+        direct["composed_teacher_s"] = (
+            c["student_images"] * (med_item["clip_image"] + med_item["albef_image"])
+            + c["student_texts"] * (med_item["clip_text"] + med_item["albef_text"])
+            + (c["pairs_i2t"] + c["pairs_t2i"]) * med_item["albef_pairs"]
+        )
+        direct["measured_teacher_s"] = direct["clip_s"] + direct["albef_s"]
+        direct["measured_over_composed"] = direct["measured_teacher_s"] / direct["composed_teacher_s"]
+
     mean_counts = {k: statistics.mean(c[k] for c in counts[: args.reps]) for k in counts[0]}
     C.print_table("Teacher unit costs (s per item, median)", ["operation", "s per item", "batch timed"],
                   [[n, med_item[n], unit_sizes[n]] for n in units])  # fmt: skip
@@ -225,6 +301,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for e in experiments
         ],  # fmt: skip
     )
+    if direct is not None:
+        C.print_table(
+            f"Check of the composition: one real online step with {direct['anchors']} anchors",
+            ["images", "captions", "pairs", "teachers measured s", "composed s", "measured / composed"],
+            [
+                [
+                    direct["counts"]["student_images"],
+                    direct["counts"]["student_texts"],
+                    direct["counts"]["pairs_i2t"] + direct["counts"]["pairs_t2i"],
+                    direct["measured_teacher_s"],
+                    direct["composed_teacher_s"],
+                    direct["measured_over_composed"],
+                ]
+            ],  # fmt: skip
+        )
     meets = ratio["median"] >= TARGET
     payload = {
         "benchmark": NAME,
@@ -252,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "epochs": 1,
             "totals": experiments,
         },  # fmt: skip
+        "direct_online_check": direct,
         "verdict": "meets" if meets else "misses",
     }
     C.write_json(NAME + ("_quick" if args.quick else ""), payload, out_dir=args.out or None)
