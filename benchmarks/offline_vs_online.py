@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--direct-anchors",
         type=int,
-        default=0,
+        default=2,
         help="also run one real online step with this many anchors (0 = off) to check the composition",
     )
     args = parser.parse_args(argv)
