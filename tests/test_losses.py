@@ -278,7 +278,7 @@ def test_modified_topk_sims_against_slow_reference():
             h = teacher.fused_cls_i2t[b, j]
             v = teacher.clip_image_emb[b] + gv * F.normalize(integ.proj_image(h), dim=0)
             t = teacher.clip_topk_text_emb[b, j] + gt * F.normalize(integ.proj_text(h), dim=0)
-            ref = float(F.normalize(v, dim=0) @ F.normalize(t, dim=0))
+            ref = float((F.normalize(v, dim=0) @ F.normalize(t, dim=0)).detach())
             assert float(mod["topk_sims_i2t"][b, j]) == pytest.approx(ref, abs=1e-5)
         # Anchor image: fused states pooled with the teacher's ITM softmax over valid candidates.
         idx = [j for j in range(K) if teacher.valid_i2t[b, j]]
