@@ -261,6 +261,7 @@ def test_mixture_log_probs_single_teacher_is_log_softmax():
 
 
 # ------------------------------------------------------------------------------------------------ modified features
+@torch.no_grad()
 def test_modified_topk_sims_against_slow_reference():
     g = _gen(6)
     teacher = _teacher(g)
