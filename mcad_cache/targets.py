@@ -70,7 +70,7 @@ class CandidateImages:
     """Candidate images by sample key: tar offsets from a ``ShardIndex``, the shared decode path, a transform.
 
     Args:
-        shards: the training shards (paths, globs, brace patterns).
+        shards: the training shards (paths, globs, brace patterns), or their ``ShardIndex``.
         transform: the student's ``make_image_transform(preprocess_cfg)``.
         policy: the run's decode policy (the stream's).
         threads: decode threads (PIL releases the GIL while decoding and resizing); 1 = inline.
@@ -78,13 +78,13 @@ class CandidateImages:
 
     def __init__(
         self,
-        shards: str | Iterable[str],
+        shards: str | Iterable[str] | ShardIndex,
         *,
         transform: Callable[[Any], Tensor],
         policy: DecodePolicy | None = None,
         threads: int = 1,
     ) -> None:
-        self.index = ShardIndex(shards)
+        self.index = shards if isinstance(shards, ShardIndex) else ShardIndex(shards)
         self.transform = transform
         self.policy = policy or DecodePolicy()
         self.threads = max(1, int(threads))

@@ -131,7 +131,9 @@ class EpochStream:
 
 
 # ------------------------------------------------------------------------------------------------- caches
-def open_caches(paths: Iterable[str], *, shards: list[str]) -> tuple[Any | None, Any | None]:
+def open_caches(
+    paths: Iterable[str], *, shards: list[str], index: ShardIndex | None = None
+) -> tuple[Any | None, Any | None]:
     """Open and check the run's caches: at most one dual-stream and one single-stream, complete, built on the run's
     shards (per-shard sha256 when the cache records it, and the sample keys).
 
@@ -143,7 +145,7 @@ def open_caches(paths: Iterable[str], *, shards: list[str]) -> tuple[Any | None,
     clip = single = None
     for path in paths:
         reader = open_cache(path).require(complete=True)
-        check_cache_data(reader, shards)
+        check_cache_data(reader, shards, index=index)
         if reader.kind == "dual":
             if clip is not None:
                 raise CacheSchemaError(f"two dual-stream caches given ({clip.path}, {reader.path}); pass one")
@@ -167,7 +169,7 @@ def _shard_records(fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:
     return None
 
 
-def check_cache_data(reader: Any, shards: list[str]) -> None:
+def check_cache_data(reader: Any, shards: list[str], *, index: ShardIndex | None = None) -> None:
     """Refuse a cache built on other data than ``shards``: per-shard sha256 (when the cache records shard records
     ``{"name", "sha256"}``) and the sample keys (every cached key must be in the run's shards).
 
@@ -190,7 +192,7 @@ def check_cache_data(reader: Any, shards: list[str]) -> None:
                 lines.append(f"shard {name}: sha256 differs (the file changed since the cache was built)")
         if lines:
             raise CacheMismatchError(f"{reader.path}: the cache was built on other data:\n  " + "\n  ".join(lines))
-    index = ShardIndex(shards)
+    index = index if index is not None else ShardIndex(shards)
     missing = [str(k) for k in reader.image_keys.tolist() if str(k) not in index]
     if missing:
         raise CacheMismatchError(
@@ -275,7 +277,8 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
     device = resolve_device(config.device)
     resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
 
-    clip, single = open_caches(config.cache, shards=shards)
+    index = ShardIndex(shards)  # tar headers read once: key checks and candidate images
+    clip, single = open_caches(config.cache, shards=shards, index=index)
     needs_teacher = bool(loss_config.required_inputs()["teacher"])
     if needs_teacher and clip is None:
         raise CacheSchemaError(f"preset {config.preset!r} needs a dual-stream (CLIP) cache: pass --cache")
@@ -298,7 +301,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         single=single,
         loss_config=loss_config,
         k=config.k,
-        candidate_images=CandidateImages(shards, transform=transform, policy=policy, threads=max(1, config.workers)),
+        candidate_images=CandidateImages(index, transform=transform, policy=policy, threads=max(1, config.workers)),
     )
     report = SkipReport()
     stream = EpochStream(
@@ -311,7 +314,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         shuffle_buffer=config.shuffle_buffer,
         report=report,
     )
-    num_samples = int(clip.image_valid.sum()) if clip is not None else len(ShardIndex(shards))
+    num_samples = int(clip.image_valid.sum()) if clip is not None else len(index)
     steps_per_epoch = num_samples // config.batch_size
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
