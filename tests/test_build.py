@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.errors import BuildLockedError, CacheMismatchError, DataError, NonFiniteError
 
 TESTS = Path(__file__).resolve().parent
+# Subprocess builds: one intra-op thread (tiny models; on a busy shared machine OpenMP threads spin against each other).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CAPTION_COUNTS = [3, 1, 2]  # repeated: images with 3, 1 and 2 captions
 
 
@@ -256,7 +259,11 @@ def test_two_ranks_equal_one_process(shards, tmp_path):
     script.write_text(RANK.format(tests=str(TESTS), config=fields))
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(r), "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, str(script), str(r), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=SUBPROCESS_ENV,
         )
         for r in (1, 0)
     ]
@@ -304,7 +311,9 @@ def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
     script.write_text(KILLER.format(tests=str(TESTS), config=fields))
     kills = 0
     for _ in range(10):  # each run commits some units of passes 1-3, then dies after 8 progress items
-        proc = subprocess.run([sys.executable, str(script), "8"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(script), "8"], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV
+        )
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
