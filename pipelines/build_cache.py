@@ -441,6 +441,9 @@ def _run_locked(
     if writer is None:
         status = "built"
         rows = _scan_rows(shards, policy=policy, strict=config.strict, progress=progress)
+        if not rows.keys:
+            counts = {r: c for r, c in rows.report.counts.items() if c} if rows.report is not None else {}
+            raise DataSourceError(f"no usable sample in {len(shards)} shard(s) of {list(config.data)}; skips: {counts}")
         writer = _create(out, config, teacher, shards, hashes, rows, fingerprint, device, precision)
     else:
         _logger.info("resuming cache %s (rank %d of %d)", out, rank, world)

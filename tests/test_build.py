@@ -23,7 +23,14 @@ from PIL import Image
 from mcad_cache.cache import check_cache, chunked_topk, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.data.transforms import make_image_transform
-from mcad_cache.errors import BuildLockedError, CacheMismatchError, DataError, NonFiniteError
+from mcad_cache.errors import (
+    BuildLockedError,
+    CacheMismatchError,
+    CacheSchemaError,
+    DataError,
+    DataSourceError,
+    NonFiniteError,
+)
 
 TESTS = Path(__file__).resolve().parent
 # Subprocess builds: one intra-op thread (tiny models; on a busy shared machine OpenMP threads spin against each other).
@@ -223,6 +230,29 @@ def test_faiss_backend_build_equals_torch(shards, tmp_path):
     a, b = _all_arrays(tmp_path / "t.zarr"), _all_arrays(tmp_path / "f.zarr")
     for name in ("i2t_idx", "i2t_sims", "t2i_idx", "t2i_sims", "i2t_is_positive", "t2i_is_positive"):
         assert np.array_equal(a[name], b[name], equal_nan=True), name
+
+
+def test_candidates_from_another_cache(shards, tmp_path):
+    shard_dir, _ = shards
+    run(_config(shard_dir, tmp_path / "dual.zarr", k=4))
+    run(_config(shard_dir, tmp_path / "single.zarr", model="single", candidate_source=str(tmp_path / "dual.zarr")))
+    a, b = open_cache(tmp_path / "dual.zarr"), open_cache(tmp_path / "single.zarr")
+    assert b.fingerprint["candidates"]["source"] == "cache"
+    assert b.fingerprint["candidates"]["source_cache"]["teacher"]["name"] == "fake"
+    for d, n in (("i2t", b.num_images), ("t2i", b.num_texts)):
+        got, src = b.topk(d, np.arange(n)), a.topk(d, np.arange(n), k=3)
+        np.testing.assert_array_equal(got["idx"], src["idx"])  # the source's candidates, in its order
+        np.testing.assert_array_equal(got["is_positive"], src["is_positive"])
+    assert check_cache(b) == []
+    with pytest.raises(CacheSchemaError, match="k=4"):
+        run(_config(shard_dir, tmp_path / "x.zarr", k=5, candidate_source=str(tmp_path / "dual.zarr")))
+
+
+def test_no_usable_sample_is_an_error(tmp_path):
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as tw:
+        tw.write({"__key__": "a", "json": b'{"captions": ["no image"]}'})
+    with pytest.raises(DataSourceError, match="missing_image"):
+        run(_config(tmp_path, tmp_path / "c.zarr", data=(str(tmp_path / "bad.tar"),)))
 
 
 def test_lock_refuses_a_second_writer(shards, tmp_path):
