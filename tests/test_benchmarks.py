@@ -87,6 +87,9 @@ def test_distill_and_online_quick(work):
     assert p["batch"]["anchors"] == 4 and p["batch"]["pairs_i2t"] <= 4 * 3
     assert p["batch"]["student_images"] == p["batch"]["anchors"] + p["batch"]["candidate_images_fetched"]
     assert p["loader"]["samples_per_s"] > 0 and p["verdict"] in ("meets", "misses")
+    assert p["mcad_only_s"] == pytest.approx(
+        b["cache_read_and_join_s"] + b["candidate_image_fetch_decode_s"] + b["losses_extra_s"]
+    )
 
     module, q = run_quick("offline_vs_online", work, scratch="distill-data")
     assert_median_of_ratios(q["ratio_online_vs_cached"], q["step_s"]["online_composed"], q["step_s"]["cached"])
