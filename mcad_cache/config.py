@@ -101,6 +101,32 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TeachersConfig:
+    train: tuple[str, ...] = (".work/shards/train",)  # training shards (paths, globs, or a folder of shard-*.tar)
+    val: tuple[str, ...] = (".work/shards/val",)  # validation shards: recall in the report, choice of dual mode
+    out: str = ".work/teachers"  # writes clip/ and albef/ (+ teachers.json); reused when the fingerprint matches
+    max_train_images: int = 2000  # first N usable training images (0 = all)
+    max_val_images: int = 500  # first N usable validation images (0 = all)
+    image_size_px: int = 160  # square input of both teachers (EfficientNet-Lite0 feature map 5x5 at 160)
+    embed_dim: int = 256  # ITC embedding width D of both teachers
+    dual_mode: str = "auto"  # auto (the best val RSUM of the measured candidates) | bridge | tuned | bridge+tuned
+    prompt_template: str = "a picture of a {}."  # ImageNet class prompt of the zero-shot bridge
+    dual_steps: int = 600  # contrastive steps of the dual-stream projections (cached features)
+    dual_batch_size: int = 256  # pairs per dual-stream step
+    dual_lr: float = 1e-3  # peak AdamW learning rate of the dual-stream projections
+    albef_steps: int = 300  # ITC + ITM steps of the single-stream teacher (cached tower outputs)
+    albef_batch_size: int = 64  # pairs per single-stream step (ITM adds 2 hard negatives per pair)
+    albef_lr: float = 3e-4  # peak AdamW learning rate of the single-stream trainable parts
+    fusion_layers: int = 2  # ALBEF fusion layers after MiniLM's 6 text layers (initialised from its last ones)
+    k_test: int = 16  # val ITM re-ranking depth of the single-stream teacher
+    batch_size: int = 64  # image batch of the feature pass
+    workers: int = 1  # DataLoader worker processes that decode images
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seeds heads init, batches, hard-negative draws
+    force: bool = False  # retrain even when teachers with the same fingerprint exist
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     work: str = ".work/demo"  # folder for shards, teachers, caches, runs, eval results and report.md
     openclipart_root: str = ".work/openclipart"  # extracted Debian packages (fetched with apt-get when absent)

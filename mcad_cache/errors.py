@@ -67,3 +67,7 @@ class CheckpointError(McadError, ValueError):
 
 class NonFiniteError(McadError, FloatingPointError):
     """A NaN or inf in a value that must be finite (a loss, a cached score); names where it happened."""
+
+
+class OfflineAssetError(McadError, ModuleNotFoundError):
+    """A package that ships pretrained weights for the offline demo teachers is not installed (names the package)."""
