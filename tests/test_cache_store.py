@@ -248,3 +248,29 @@ def test_writer_checks_values_and_alignment(tmp_path):
         w.write_fused("t2i", 2, big, keys=["q2"])
     with pytest.raises(FileExistsError):
         CacheWriter.create(tmp_path / "c.zarr", layout=layout, manifest={})
+
+
+def test_check_finds_each_problem(tmp_path):
+    _write_cache(tmp_path / "c.zarr")
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
+    keys = g["image_keys"][:]
+    keys[1] = keys[0]
+    g["image_keys"][:] = keys
+    emb = g["text_emb"][:]
+    emb[2, 0] = np.nan
+    g["text_emb"][:] = emb
+    pos = g["i2t_is_positive"][:]
+    pos[0, 0] = not pos[0, 0]
+    g["i2t_is_positive"][:] = pos
+    sims = g["i2t_sims"][:]
+    sims[0] = sims[0, ::-1]
+    g["i2t_sims"][:] = sims
+    idx = g["t2i_idx"][:]
+    idx[4, 1] = 99
+    g["t2i_idx"][:] = idx
+    problems = "\n".join(check_cache(open_cache(tmp_path / "c.zarr")))
+    assert "image_keys: 1 duplicate key(s), e.g. ['s000']" in problems
+    assert "text_emb: non-finite values in 1 valid row(s)" in problems
+    assert "i2t_is_positive: disagrees" in problems
+    assert "i2t_sims: rows not sorted" in problems
+    assert "t2i_idx: ids outside [-1, 5)" in problems
