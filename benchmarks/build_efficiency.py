@@ -53,6 +53,7 @@ TEACHER_FIELDS = (
     "build_model_s",
     "build_overhead_s",
     "extra_model_s",
+    "model_busy_fraction",
     "meets_target",
 )
 
@@ -212,6 +213,8 @@ def run_teacher(name: str, args: argparse.Namespace, work: Path, device: torch.d
         "build_model_items": builds[-1]["model_items"],
         "build_model_s": statistics.median(model_s),
         "build_overhead_s": statistics.median(b["wall_s"] - m for b, m in zip(builds, model_s, strict=True)),
+        # share of the build's wall time spent inside the teacher's model calls (1 = decode / write fully hidden)
+        "model_busy_fraction": statistics.median(m / b["wall_s"] for b, m in zip(builds, model_s, strict=True)),
         "extra_model_s": statistics.median(model_s) - bare_s,
         "bare_pairs": pairs[0] if name == "albef" else 0,
         "meets_target": eff["median"] >= TARGET,
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append([r["teacher"], "sum", "model calls in build (no tokenize)", r["build_model_s"]])
         rows.append([r["teacher"], "sum", "build wall - model calls (pipeline overhead)", r["build_overhead_s"]])
         rows.append([r["teacher"], "sum", "model calls in build - bare (extra model work)", r["extra_model_s"]])
+        rows.append([r["teacher"], "share", "model calls / build wall (model-busy fraction)", r["model_busy_fraction"]])
     C.print_table("Where the build's time goes (seconds, median over repetitions)", ["teacher", "what", "part", "s"],
                   rows)  # fmt: skip
     payload = {
