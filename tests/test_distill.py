@@ -317,3 +317,48 @@ def test_contrastive_needs_no_cache(tmp_path, shards):
     assert summary["steps"] == 3 and summary["caches"] == []  # 12 samples // 4
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert all(set(k for k in r if k.endswith("_loss")) == {"itc_loss"} for r in rows)
+
+
+def test_join_is_by_key_and_dedups_candidate_images(shards, caches):
+    from mcad_cache.losses import preset
+    from mcad_cache.targets import TargetJoiner
+    from mcad_cache.train import step_generator
+
+    clip, albef = caches["clip"], caches["albef"]  # albef rows are stored in reverse order
+    all_keys = [str(k) for k in clip.image_keys.tolist()]
+    fetched: list[list[str]] = []
+
+    def candidate_images(keys):
+        fetched.append(list(keys))
+        return torch.stack([torch.full((3, 2, 2), float(all_keys.index(k))) for k in keys])
+
+    joiner = TargetJoiner(clip=clip, single=albef, loss_config=preset("mcad"), k=3, candidate_images=candidate_images)
+    keys = all_keys[2:7]
+    captions = [[str(c) for c in clip.captions[clip.img2txt(clip.image_rows([k])[0])]] for k in keys]
+    images = torch.stack([torch.full((3, 2, 2), float(all_keys.index(k))) for k in keys])
+    batch = joiner({"key": keys, "captions": captions, "image": images}, generator=step_generator(0, 1))
+    again = joiner({"key": keys, "captions": captions, "image": images}, generator=step_generator(0, 1))
+    assert batch.texts == again.texts  # the anchor choice is a function of (seed, step)
+    t = batch.targets
+    for b, key in enumerate(keys):
+        anchor = batch.texts[b]
+        j = captions[b].index(anchor)
+        assert torch.allclose(t.clip_text_emb[b], torch.from_numpy(clip.text_emb(clip.text_rows([f"{key}#{j}"])))[0])
+        # i2t candidates: the single-stream cache's own candidates, CLIP targets found by key
+        top = albef.topk("i2t", albef.image_rows([key]), k=3)
+        for slot, row in enumerate(top["idx"][0].tolist()):
+            cand_key = str(albef.text_keys[row])
+            assert batch.texts[batch.topk_text_index[b, slot]] == str(albef.captions[row])
+            clip_emb = torch.from_numpy(clip.text_emb(clip.text_rows([cand_key])))[0]
+            assert torch.allclose(t.clip_topk_text_emb[b, slot], clip_emb)
+            assert t.clip_topk_sims_i2t[b, slot] == pytest.approx(float(t.clip_image_emb[b] @ clip_emb), abs=1e-6)
+            assert torch.allclose(t.itm_logits_i2t[b, slot], torch.from_numpy(top["itm_logits"][0, slot]))
+        # t2i candidates: images by key, anchors reused, others fetched once
+        top = albef.topk("t2i", albef.text_rows([f"{key}#{j}"]), k=3)
+        all_images = torch.cat([batch.images, batch.extra_images])
+        for slot, row in enumerate(top["idx"][0].tolist()):
+            cand_key = str(albef.image_keys[row])
+            assert float(all_images[batch.topk_image_index[b, slot], 0, 0, 0]) == all_keys.index(cand_key)
+            clip_emb = torch.from_numpy(clip.image_emb(clip.image_rows([cand_key])))[0]
+            assert torch.allclose(t.clip_topk_image_emb[b, slot], clip_emb)
+    assert len(fetched) == 2 and all(len(f) == len(set(f)) and not set(f) & set(keys) for f in fetched)
