@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -697,13 +698,20 @@ def _create(
     )
     assert rows.report is not None
     report = rows.report.to_dict()
+    pass0_per_shard = Counter(item["shard"] for item in report["skipped"])  # exact up to SkipReport.max_listed
     manifest = {
         "fingerprint": fingerprint,
         "teacher": {"name": teacher.name, "kind": teacher.kind},
         "logit_scale": float(teacher.logit_scale),
         "skip_reasons": list(SKIP_REASONS),
         "shards": [
-            {"path": os.path.abspath(s), "name": os.path.basename(s), "sha256": h, "num_rows": n}
+            {
+                "path": os.path.abspath(s),
+                "name": os.path.basename(s),
+                "sha256": h,
+                "num_rows": n,  # samples with a row (valid or not)
+                "num_skipped_pass0": pass0_per_shard.get(s, 0),  # samples without a row
+            }
             for s, h, n in zip(shards, hashes, rows.per_shard_rows, strict=True)
         ],
         "pass0_skips": {
@@ -1072,8 +1080,10 @@ def _finalize(writer: CacheWriter, rows: _Rows, shards: list[str]) -> dict[str, 
         if len(examples) < MAX_SKIP_EXAMPLES:
             examples.append([shard_names[rows.shard_of[row]], rows.keys[row], reason])
     per_shard_valid = np.bincount(rows.shard_of[iv], minlength=len(shards)) if iv.size else np.zeros(len(shards))
+    per_shard_invalid = np.bincount(rows.shard_of[~iv], minlength=len(shards)) if iv.size else np.zeros(len(shards))
     shard_entries = [
-        {**entry, "num_valid": int(per_shard_valid[i])} for i, entry in enumerate(manifest.get("shards", []))
+        {**entry, "num_valid": int(per_shard_valid[i]), "num_skipped_pass1": int(per_shard_invalid[i])}
+        for i, entry in enumerate(manifest.get("shards", []))
     ]
     final = {
         "num_images": int(iv.size),

@@ -151,6 +151,10 @@ def test_dual_build_values_maps_and_skips(shards, tmp_path):
     m = r.manifest
     assert m["complete"] and m["finished_at"] >= m["started_at"]
     assert [s["name"] for s in m["shards"]] == ["shard-000.tar", "shard-001.tar"]
+    assert [(s["num_rows"], s["num_valid"], s["num_skipped_pass0"], s["num_skipped_pass1"]) for s in m["shards"]] == [
+        (6, 5, 0, 1),
+        (4, 4, 2, 0),
+    ]
     assert all(len(s["sha256"]) == 64 for s in m["fingerprint"]["data"]["shards"])
 
 
