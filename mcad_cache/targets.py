@@ -51,6 +51,7 @@ class DistillBatch:
         topk_text_index: [B, K] int64 rows of ``texts`` for each image's candidate captions (0 where invalid), or None.
         topk_image_index: [B, K] int64 rows of ``cat(images, extra_images)`` for each caption's candidate images.
         targets: the teacher side, CPU float32.
+        tokens: ``texts`` tokenized by the student (``input_ids`` / ``attention_mask`` [T, L]), or None.
     """
 
     keys: list[str]
@@ -60,6 +61,7 @@ class DistillBatch:
     topk_text_index: Tensor | None
     topk_image_index: Tensor | None
     targets: TeacherTargets
+    tokens: dict[str, Tensor] | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -149,6 +151,7 @@ class TargetJoiner:
         loss_config: decides which targets are read (``LossConfig.required_inputs()``).
         k: candidates per query (``<=`` each cache's k).
         candidate_images: ``keys -> [n, 3, H, W]`` (a :class:`CandidateImages`), needed for t2i top-k terms.
+        tokenize: the student's ``tokenize``; when given, captions are tokenized here (off the training step).
     Raises:
         CacheSchemaError: k larger than a cache's k; a preset that needs a single-stream cache without one; a
             cache of the wrong kind in a slot.
@@ -162,6 +165,7 @@ class TargetJoiner:
         loss_config: LossConfig,
         k: int,
         candidate_images: Callable[[list[str]], Tensor] | None = None,
+        tokenize: Callable[[list[str]], dict[str, Tensor]] | None = None,
     ) -> None:
         need = loss_config.required_inputs()
         self.need_student = need["student"]
@@ -193,6 +197,7 @@ class TargetJoiner:
         if "t2i" in self.directions and candidate_images is None:
             raise ValueError("t2i top-k distillation needs candidate_images (keys -> images)")
         self.candidate_images = candidate_images
+        self.tokenize = tokenize
         if clip is not None and single is not None:
             check_caches_match(clip, single)
 
@@ -342,19 +347,21 @@ class TargetJoiner:
             topk_text_index=topk_text_index,
             topk_image_index=topk_image_index,
             targets=t,
+            tokens=self.tokenize(texts) if self.tokenize is not None else None,
         )
 
 
 def distill_forward(model: nn.Module, loss_module: nn.Module, batch: DistillBatch) -> dict[str, Tensor]:
     """Student forward for one :class:`DistillBatch`, then the loss module.
 
-    Images (anchors then extra candidates) go through the image tower in one call, captions (anchors then distinct
-    candidates) through the text tower in one call; candidate embeddings are gathered into ``[B, K, D]``.
+    One call of the model's ``forward(images=, input_ids=, attention_mask=)`` (what DDP wraps): images are the
+    anchors then the extra candidates, captions the anchors then each distinct candidate caption; candidate
+    embeddings are gathered into ``[B, K, D]``.
 
     Args:
-        model: the student ``DualEncoder`` (``tokenize``, ``forward_image``, ``forward_text``, ``logit_scale``).
+        model: the student ``DualEncoder`` (or a wrapper of it with ``.module``).
         loss_module: ``losses.MCADLoss``.
-        batch: from :class:`TargetJoiner`.
+        batch: from :class:`TargetJoiner` (``tokens`` set when the joiner was given the student's tokenizer).
     Returns:
         The loss module's dict of weighted ``*_loss`` terms plus ``loss``.
     """
@@ -362,16 +369,20 @@ def distill_forward(model: nn.Module, loss_module: nn.Module, batch: DistillBatc
     images = batch.images
     if batch.extra_images is not None and batch.extra_images.shape[0] > 0:
         images = torch.cat([images, batch.extra_images])
-    image_emb, image_feat = model.forward_image(images.to(device, non_blocking=True))
-    tokens = model.tokenize(batch.texts)
-    text_emb, text_feat = model.forward_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    tokens = batch.tokens if batch.tokens is not None else getattr(model, "module", model).tokenize(batch.texts)
+    out = model(
+        images=images.to(device, non_blocking=True),
+        input_ids=tokens["input_ids"].to(device, non_blocking=True),
+        attention_mask=tokens["attention_mask"].to(device, non_blocking=True),
+    )
+    image_emb, text_emb = out["image_emb"], out["text_emb"]
     b = batch.num_pairs
     student = StudentOutputs(
         image_emb=image_emb[:b],
         text_emb=text_emb[:b],
-        logit_scale=model.logit_scale,
-        image_feat=image_feat[:b],
-        text_feat=text_feat[:b],
+        logit_scale=out["logit_scale"],
+        image_feat=out["image_feat"][:b],
+        text_feat=out["text_feat"][:b],
         topk_text_emb=text_emb[batch.topk_text_index.to(device)] if batch.topk_text_index is not None else None,
         topk_image_emb=image_emb[batch.topk_image_index.to(device)] if batch.topk_image_index is not None else None,
     )

@@ -302,6 +302,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         loss_config=loss_config,
         k=config.k,
         candidate_images=CandidateImages(index, transform=transform, policy=policy, threads=max(1, config.workers)),
+        tokenize=model.tokenize,
     )
     report = SkipReport()
     stream = EpochStream(
