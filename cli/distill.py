@@ -12,6 +12,20 @@ from rich.table import Table
 from mcad_cache.config import DistillConfig, load_config
 
 
+def _init_distributed() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, else gloo) and pin this rank's
+    GPU (``LOCAL_RANK``). The pipeline then runs data-parallel (DDP, each rank its own shards)."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _user_error(err: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
@@ -50,6 +64,7 @@ def distill(
     setup_logging(verbose)
     from mcad_cache.pipelines import distill as pipeline
 
+    _init_distributed()
     try:
         loss_overrides = json.loads(loss) if loss else None
         cfg = call_pipeline(

@@ -190,12 +190,15 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     extra: Mapping[str, Any] | None = None,
+    rank_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a resumable checkpoint atomically (to ``folder.tmp``, then renamed).
 
     Layout: ``model.safetensors`` (+ ``student_config.json`` and ``tokenizer/`` when the model has ``save``, so the
     folder loads with ``DualEncoder.load``), ``loss.safetensors`` (loss-module parameters and buffers),
     ``train_state.pt`` (optimizer, scheduler, RNG states, :class:`TrainState`, ``extra``), written last.
+    Distributed runs (one writer, rank 0) pass ``rank_states``: every rank's ``{"train_state": dict, "rng": ...}``
+    (from :func:`rank_state`), since each rank has its own data position and RNG.
 
     Returns:
         The checkpoint folder.
@@ -221,6 +224,7 @@ def save_checkpoint(
             "rng": get_rng_state(),
             "train_state": asdict(state),
             "extra": json.dumps(dict(extra or {})),
+            "ranks": list(rank_states or []),
         },
         tmp / STATE_FILE,
     )
@@ -237,13 +241,18 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     map_location: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
     """Load a :func:`save_checkpoint` folder into existing objects (strict key / shape match).
 
+    Args:
+        rank, world_size: this process's rank and the run's number of ranks (distributed checkpoints hold one data
+            position and RNG state per rank).
     Returns:
         (train state, RNG states to restore with :func:`set_rng_state` once the data position is reached, extra).
     Raises:
-        CheckpointError: missing files, or weights that do not fit the model / loss module.
+        CheckpointError: missing files, weights that do not fit the model / loss module, or another world size.
     """
     from safetensors.torch import load_file
 
@@ -263,7 +272,21 @@ def load_checkpoint(
         optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(blob["scheduler"])
+    ranks = blob.get("ranks") or []
+    saved_world = max(1, len(ranks))
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by {saved_world} rank(s), this run has {world_size}: resume with the "
+            "same number of ranks (each rank's data position is its own)"
+        )
+    if ranks:
+        return TrainState(**ranks[rank]["train_state"]), ranks[rank]["rng"], json.loads(blob["extra"])
     return TrainState(**blob["train_state"]), blob["rng"], json.loads(blob["extra"])
+
+
+def rank_state(state: TrainState) -> dict[str, Any]:
+    """This process's data position and RNG states, for :func:`save_checkpoint`'s ``rank_states``."""
+    return {"train_state": asdict(state), "rng": get_rng_state()}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -560,6 +583,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "param_groups",
+    "rank_state",
     "save_checkpoint",
     "set_rng_state",
     "step_generator",

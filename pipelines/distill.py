@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mcad_cache.cache import open_cache
@@ -45,6 +46,7 @@ from mcad_cache.train import (
     create_scheduler,
     latest_checkpoint,
     load_checkpoint,
+    rank_state,
     save_checkpoint,
     step_generator,
     train_loop,
@@ -275,6 +277,10 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
     shards = expand_shards(config.data)
     run_dir = Path(config.out)
     device = resolve_device(config.device)
+    rank, world = _dist_info()
+    is_main = rank == 0
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
     resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
 
     index = ShardIndex(shards)  # tar headers read once: key checks and candidate images
@@ -294,6 +300,8 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         clip_dim=clip.layout.emb_dim if clip is not None else None,
         fused_dim=(single.layout.fused_dim or None) if single is not None else None,
     ).to(device)
+    if world > 1:
+        torch.manual_seed(config.seed + 1_000 * rank)  # same init on every rank, own dropout stream per rank
     transform = make_image_transform(model.preprocess_cfg)
     policy = DecodePolicy()
     joiner = TargetJoiner(
@@ -316,7 +324,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         report=report,
     )
     num_samples = int(clip.image_valid.sum()) if clip is not None else len(index)
-    steps_per_epoch = num_samples // config.batch_size
+    steps_per_epoch = num_samples // (config.batch_size * world)
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
         raise ValueError(
@@ -333,18 +341,23 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
     if latest is not None:
         _check_resume_config(run_dir, resolved)
         state, rng_state, _ = load_checkpoint(
-            latest, model=model, loss_module=loss_module, optimizer=optimizer, scheduler=scheduler, map_location=device
-        )
-        _truncate_metrics(metrics_path, state.step)
+            latest, model=model, loss_module=loss_module, optimizer=optimizer, scheduler=scheduler,
+            map_location=device, rank=rank, world_size=world,
+        )  # fmt: skip
+        if is_main:
+            _truncate_metrics(metrics_path, state.step)
         _logger.info(
             "resuming %s at step %d (epoch %d, batch %d)", run_dir, state.step, state.epoch, state.batch_in_epoch
         )
-    else:
+    elif is_main:
         metrics_path.write_text("")
-    (run_dir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+    if world > 1:  # every rank has read the run dir before rank 0 rewrites config.json
+        torch.distributed.barrier()
+    if is_main:
+        (run_dir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
     _logger.info(
-        "distill: preset %s, %d steps (%d per epoch), batch %d, k %d, device %s, student %s (%d params)",
-        config.preset, total_steps, steps_per_epoch, config.batch_size, config.k, device, config.student,
+        "distill: preset %s, %d steps (%d per epoch), batch %d x %d rank(s), k %d, device %s, student %s (%d params)",
+        config.preset, total_steps, steps_per_epoch, config.batch_size, world, config.k, device, config.student,
         model.num_params()["total"],
     )  # fmt: skip
 
@@ -359,32 +372,49 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
     def on_log(values: dict[str, Any]) -> None:
         values = {**values, **loss_module.diagnostics(), "logit_scale": float(model.logit_scale.detach())}
         last.update(values)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(values) + "\n")
+        if is_main:  # rank 0's own batch losses
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(values) + "\n")
 
     def on_checkpoint(st: TrainState) -> None:
-        save_checkpoint(
-            checkpoint_path(run_dir, st.step),
-            model=model,
-            loss_module=loss_module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=st,
-        )
-        _prune_checkpoints(run_dir, keep=2)
+        states = [rank_state(st)]
+        if world > 1:  # every rank's data position and RNG go into rank 0's checkpoint
+            states = [None] * world
+            torch.distributed.all_gather_object(states, rank_state(st))
+        if is_main:
+            save_checkpoint(
+                checkpoint_path(run_dir, st.step), model=model, loss_module=loss_module, optimizer=optimizer,
+                scheduler=scheduler, state=st, rank_states=states if world > 1 else None,
+            )  # fmt: skip
+            _prune_checkpoints(run_dir, keep=2)
+        if world > 1:
+            torch.distributed.barrier()
+
+    trained: nn.Module = model
+    forward: Callable[..., Any] = distill_forward
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Student and loss module (feature heads, integration module) in one DDP module: one gradient all-reduce.
+        trained = DistributedDataParallel(_DistillStep(model, loss_module), find_unused_parameters=True)
+        forward = _ddp_forward
 
     t0 = time.perf_counter()
     start_step = state.step
     state = train_loop(
-        model, loss_module, batches_for_epoch=stream, prepare=prepare, forward=distill_forward, optimizer=optimizer,
-        scheduler=scheduler, state=state, total_steps=total_steps, rng_state=rng_state, grad_clip=config.grad_clip,
-        precision=config.precision, device=device, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint, progress=progress,
-        prefetch=PREFETCH_BATCHES,
+        trained, None if world > 1 else loss_module, batches_for_epoch=stream, prepare=prepare, forward=forward,
+        optimizer=optimizer, scheduler=scheduler, state=state, total_steps=total_steps, rng_state=rng_state,
+        grad_clip=config.grad_clip, precision=config.precision, device=device, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint,
+        progress=progress if is_main else None, prefetch=PREFETCH_BATCHES,
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
-    if latest_checkpoint(run_dir) is None or int(latest_checkpoint(run_dir).name[5:]) != state.step:
+    just_saved = config.checkpoint_every > 0 and state.step % config.checkpoint_every == 0 and state.step > start_step
+    if not just_saved and (state.step > start_step or latest is None):
         on_checkpoint(state)
+    in_sync = _replicas_in_sync(model, loss_module) if world > 1 else True
+    if not is_main:
+        return {"run_dir": str(run_dir), "rank": rank, "steps": state.step, "replicas_in_sync": in_sync}
     final = run_dir / FINAL_DIR
     model.save(final)
     from safetensors.torch import save_file
@@ -402,6 +432,8 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         "steps_this_session": state.step - start_step,
         "epochs_started": state.epoch + 1,
         "samples_seen": state.samples_seen,
+        "world_size": world,
+        "replicas_in_sync": in_sync,
         "elapsed_s": elapsed,
         "final": {k: v for k, v in last.items() if k.endswith("_loss") or k in ("loss", "lr", "logit_scale")},
         "caches": [
@@ -417,6 +449,41 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) of an initialised ``torch.distributed`` process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _DistillStep(nn.Module):
+    """Student + loss module as one module, so DDP all-reduces both modules' gradients together."""
+
+    def __init__(self, model: nn.Module, loss_module: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_module = loss_module
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return distill_forward(self.model, self.loss_module, batch)
+
+
+def _ddp_forward(wrapper: nn.Module, loss_module: Any, batch: Any) -> dict[str, torch.Tensor]:
+    return wrapper(batch)
+
+
+@torch.no_grad()
+def _replicas_in_sync(model: nn.Module, loss_module: nn.Module) -> bool:
+    """Every rank holds the same weights (a float64 checksum of all parameters, gathered)."""
+    total = sum(float(p.detach().double().sum()) for m in (model, loss_module) for p in m.parameters())
+    sums = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(sums, total)
+    if len(set(sums)) != 1:
+        _logger.error("replicas diverged: parameter checksums %s", sums)
+        return False
+    return True
 
 
 def _prune_checkpoints(run_dir: Path, *, keep: int) -> None:

@@ -176,3 +176,22 @@ class MemoryCache:
             if fused or fused is None:
                 out["fused_cls"] = top["fused_cls"][r, :kk]
         return out
+
+
+def ddp_worker(rank: int, world: int, init_file: str, config: dict, out: str) -> None:
+    """One rank of a CPU gloo run of ``distill.run`` (for ``torch.multiprocessing.spawn``); writes its summary."""
+    import torch.distributed as dist
+
+    from mcad_cache.config import DistillConfig
+    from mcad_cache.pipelines import distill
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        try:
+            summary = distill.run(DistillConfig(**config))
+        except Exception as err:  # report it to the test instead of a bare non-zero exit
+            summary = {"error": f"{type(err).__name__}: {err}"}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+    finally:
+        dist.destroy_process_group()

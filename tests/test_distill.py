@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import mcad_cache.pipelines.distill as distill
 import pytest
 import torch
 from distill_fixtures import MemoryCache, make_shards
 from fake_teacher import FakeTeacher
 
+import mcad_cache.pipelines.distill as distill
 from mcad_cache.config import DistillConfig
 from mcad_cache.errors import CacheKeyError, CacheMismatchError, CacheSchemaError, NonFiniteError
 from mcad_cache.student import DualEncoder
@@ -188,8 +188,9 @@ def test_cli_build_distill_eval_compare(tmp_path):
     import shutil
 
     import fake_teacher  # noqa: F401  (registers the "fake" teacher)
-    from mcad_cache.cli.main import app
     from typer.testing import CliRunner
+
+    from mcad_cache.cli.main import app
 
     shard_dir = tmp_path / "shards"
     make_shards(shard_dir, num_samples=12, per_shard=6)
@@ -362,3 +363,53 @@ def test_join_is_by_key_and_dedups_candidate_images(shards, caches):
             clip_emb = torch.from_numpy(clip.image_emb(clip.image_rows([cand_key])))[0]
             assert torch.allclose(t.clip_topk_image_emb[b, slot], clip_emb)
     assert len(fetched) == 2 and all(len(f) == len(set(f)) and not set(f) & set(keys) for f in fetched)
+
+
+def test_two_ranks_gloo(tmp_path):
+    """DDP on CPU with gloo: each rank reads its own shard; replicas stay in sync; rank 0 writes the run dir and a
+    checkpoint holding both ranks' data positions; resuming with another number of ranks is refused."""
+    import torch.multiprocessing as mp
+    from distill_fixtures import ddp_worker
+
+    from mcad_cache.config import BuildConfig
+    from mcad_cache.errors import CheckpointError
+    from mcad_cache.pipelines import build_cache
+    from mcad_cache.train import latest_checkpoint
+
+    shard_paths = make_shards(tmp_path / "shards", num_samples=12, per_shard=6)
+    build_cache.run(
+        BuildConfig(
+            teacher="fake",
+            data=tuple(shard_paths),
+            out=str(tmp_path / "clip"),
+            k=3,
+            batch_size=6,
+            workers=0,
+            device="cpu",
+        )
+    )
+    config = dict(
+        cache=[str(tmp_path / "clip")],
+        data=shard_paths,
+        out=str(tmp_path / "run"),
+        student="tiny",
+        preset="clip-kd",
+        batch_size=2,
+        steps=4,
+        warmup_steps=1,
+        workers=0,
+        shuffle_buffer=0,
+        log_every=1,
+        checkpoint_every=2,
+        device="cpu",
+    )
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), config, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert "error" not in r0 and "error" not in r1, (r0, r1)
+    assert r0["world_size"] == 2 and r0["replicas_in_sync"] and r1["replicas_in_sync"] and r1["steps"] == 4
+    assert (tmp_path / "run/final/model.safetensors").is_file()
+    blob = torch.load(latest_checkpoint(tmp_path / "run") / "train_state.pt", weights_only=True)
+    positions = [r["train_state"] for r in blob["ranks"]]
+    assert [p["step"] for p in positions] == [4, 4] and all(p["samples_seen"] == 8 for p in positions)
+    with pytest.raises(CheckpointError, match="2 rank"):
+        distill.run(DistillConfig(**{**config, "cache": tuple(config["cache"]), "data": tuple(shard_paths)}))
