@@ -6,9 +6,9 @@ import json
 from typing import Annotated
 
 import typer
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from rich.table import Table
 
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from mcad_cache.config import DistillConfig, load_config
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from rich.table import Table
 
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from mcad_cache.config import EvalConfig, load_config
 
 _COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mcad_cache.pipelines.distill import FINAL_DIR, SUMMARY_FILE, check_cache_data
 from torch.utils.data import DataLoader
 
 from mcad_cache.cache import open_cache
@@ -35,6 +34,7 @@ from mcad_cache.eval import (
     evaluate_single_stream,
 )
 from mcad_cache.metrics import METRIC_KEYS
+from mcad_cache.pipelines.distill import FINAL_DIR, SUMMARY_FILE, check_cache_data
 from mcad_cache.student import DualEncoder
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.base import resolve_device
