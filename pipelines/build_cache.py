@@ -83,6 +83,7 @@ CANDIDATE_RULE = (
     "global top-k over all valid rows by ITC cosine similarity of the stored embeddings (float64 accumulation, "
     "float32 result), descending, ties to the lower row"
 )
+RESCORE_MARGIN_CUDA = 16  # on CUDA: float32 top-(k + 16) retrieval, float64 re-scoring (fast where float64 is slow)
 FUSED_ROWS_PER_CHUNK = 4  # fused arrays: 4 rows per chunk (measured: docs/cache-format.md, "Read speed")
 MAX_SKIP_EXAMPLES = 100  # (shard, key, reason) examples kept in the manifest
 
@@ -192,6 +193,20 @@ def _scan_rows(shards: list[str], *, policy: DecodePolicy, strict: bool, progres
     return _Rows(keys, np.asarray(shard_of, dtype=np.int32), captions, report, per_shard)
 
 
+def _rescore_margin(device: torch.device) -> int:
+    return RESCORE_MARGIN_CUDA if device.type == "cuda" else 0
+
+
+def _scoring(config: BuildConfig, device: torch.device) -> str:
+    """How the top-k similarities are computed (part of the fingerprint: a resume must score the same way)."""
+    if config.candidate_source:
+        return "source cache's candidates, re-scored in float64"
+    if config.topk_backend == "faiss":
+        return "faiss IndexFlatIP retrieval of k+16, float64 re-scoring"
+    m = _rescore_margin(device)
+    return f"float32 retrieval of k+{m}, float64 re-scoring" if m else "float64"
+
+
 def _fingerprint(
     config: BuildConfig,
     teacher: Any,
@@ -200,6 +215,7 @@ def _fingerprint(
     policy: DecodePolicy,
     precision: str,
     source_fingerprint: dict[str, Any] | None,
+    device: torch.device,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -214,6 +230,7 @@ def _fingerprint(
             "source": "own_itc" if not config.candidate_source else "cache",
             "source_cache": source_fingerprint,
             "force_positives": config.force_positives,
+            "scoring": _scoring(config, device),
             "pool": "all valid rows",
         },
         "storage": {
@@ -392,7 +409,7 @@ def run(config: BuildConfig, *, progress: ProgressFn = _identity) -> BuildResult
     hashes = [file_sha256(s) for s in progress(shards, "hashing shards", len(shards))]
     _timed(stage_s, "hash", t0)
     fingerprint = _fingerprint(
-        config, teacher, shards, hashes, policy, precision, source.fingerprint if source is not None else None
+        config, teacher, shards, hashes, policy, precision, source.fingerprint if source is not None else None, device
     )
     out = Path(config.out)
     with _BuildLock(out, rank=config.rank, world_size=config.world_size):
@@ -848,7 +865,14 @@ def _pass_topk(
             sims, idx = faiss_topk(q, gal, k=k, query_valid=qv, gallery_valid=gv, chunk_size=config.chunk_size)
         else:
             sims, idx = chunked_topk(
-                q, gal, k=k, chunk_size=config.chunk_size, query_valid=qv, gallery_valid=gv, device=device
+                q,
+                gal,
+                k=k,
+                chunk_size=config.chunk_size,
+                query_valid=qv,
+                gallery_valid=gv,
+                device=device,
+                rescore_margin=_rescore_margin(device),
             )
         if config.force_positives:
             if direction == "i2t":

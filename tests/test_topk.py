@@ -111,3 +111,17 @@ def test_faiss_backend_matches_chunked():
     got = faiss_topk(q.numpy(), g.numpy(), k=5, chunk_size=6, query_valid=qv.numpy(), gallery_valid=gv.numpy())
     np.testing.assert_array_equal(got[1], ref[1])
     np.testing.assert_array_equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize(("chunk", "gchunk"), [(7, 5), (64, 3), (1000, 1000)])
+def test_float32_retrieval_with_float64_rescoring_equals_exact(chunk, gchunk):
+    gen = torch.Generator().manual_seed(0)
+    base = _normed(20, 8, gen)
+    g = torch.cat([_normed(30, 8, gen), base[torch.tensor([0, 1, 2, 0, 3, 1, 0, 2])]])  # duplicates: ties
+    q = torch.cat([_normed(21, 8, gen), base[:3]])
+    gv = torch.ones(g.shape[0], dtype=torch.bool)
+    gv[5] = False
+    ref = chunked_topk(q, g, k=6, chunk_size=1000, gallery_valid=gv)
+    got = chunked_topk(q, g, k=6, chunk_size=chunk, gallery_chunk_size=gchunk, gallery_valid=gv, rescore_margin=4)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[0], ref[0])

@@ -5,6 +5,11 @@ gallery row (and the same for every chunk size): a stable order lets a rerun of 
 candidates exactly. Similarities are accumulated in float64 and rounded to float32, so that a dot product does not
 depend on the shape of the block it was computed in (a float32 blocked matmul can differ in the last ulp, which would
 reorder exact ties, e.g. duplicated images, between chunkings).
+
+``rescore_margin > 0`` selects a faster variant for accelerators whose float64 throughput is low: a float32 pass
+keeps ``k + rescore_margin`` candidates per query, which are then re-scored in float64 and ordered by the same rule.
+It returns the same result unless more than ``rescore_margin`` gallery rows lie within float32 rounding of the k-th
+candidate (e.g. many duplicated images).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def chunked_topk(
     query_valid: Tensor | np.ndarray | None = None,
     gallery_valid: Tensor | np.ndarray | None = None,
     device: torch.device | str | None = None,
+    rescore_margin: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows by inner product for every query row, over the whole gallery, in chunks.
 
@@ -67,6 +73,8 @@ def chunked_topk(
         query_valid: [N_q] bool, rows to answer (default all).
         gallery_valid: [N_g] bool, rows that may be returned (default all). Invalid rows may hold NaN.
         device: where to compute (default: the query tensor's device).
+        rescore_margin: 0 = float64 everywhere (exact); m > 0 = float32 retrieval of k + m candidates, then float64
+            re-scoring of those (see the module docstring).
     Returns:
         ``(sims [N_q, k] float32, idx [N_q, k] int32)`` numpy arrays, each row sorted by descending similarity.
     Raises:
@@ -87,14 +95,23 @@ def chunked_topk(
     gcs = gallery_chunk_size or chunk_size
     out_sims = np.full((n_q, k), np.nan, dtype=np.float32)
     out_idx = np.full((n_q, k), -1, dtype=np.int32)
+    if rescore_margin < 0:
+        raise ValueError(f"rescore_margin must be >= 0, got {rescore_margin}")
     g64 = torch.where(gv[:, None], g.double().cpu(), torch.zeros((), dtype=torch.float64)).to(dev)
     g_invalid = (~gv).to(dev)
+    if rescore_margin:
+        g32 = g64.float()
+        k1 = k + rescore_margin
     for q0 in range(0, n_q, chunk_size):
         q1 = min(q0 + chunk_size, n_q)
         rows = qv[q0:q1].nonzero(as_tuple=True)[0]
         if rows.numel() == 0 or n_g == 0:
             continue
         qc = q[q0:q1][rows].double().to(dev)
+        if rescore_margin:
+            best_v, best_i = _rescored_topk(qc, g64, g32, g_invalid, k=k, k1=k1, gcs=gcs)
+            _store(out_sims, out_idx, rows + q0, best_v, best_i)
+            continue
         best_v = torch.empty((rows.numel(), 0), dtype=torch.float32, device=dev)
         best_i = torch.empty((rows.numel(), 0), dtype=torch.int64, device=dev)
         for g0 in range(0, n_g, gcs):
@@ -106,14 +123,45 @@ def chunked_topk(
             v, perm = torch.cat([best_v, v], dim=1).sort(dim=1, descending=True, stable=True)
             i = torch.cat([best_i, i + g0], dim=1).gather(1, perm)
             best_v, best_i = v[:, :k], i[:, :k]
-        keep = torch.isfinite(best_v)
-        best_i = torch.where(keep, best_i, torch.full_like(best_i, -1))
-        best_v = torch.where(keep, best_v, torch.full_like(best_v, float("nan")))
-        m = best_v.shape[1]
-        sel = (rows + q0).numpy()
-        out_sims[sel, :m] = best_v.cpu().numpy()
-        out_idx[sel, :m] = best_i.cpu().numpy().astype(np.int32)
+        _store(out_sims, out_idx, rows + q0, best_v, best_i)
     return out_sims, out_idx
+
+
+def _store(out_sims: np.ndarray, out_idx: np.ndarray, rows: Tensor, best_v: Tensor, best_i: Tensor) -> None:
+    keep = torch.isfinite(best_v)
+    best_i = torch.where(keep, best_i, torch.full_like(best_i, -1))
+    best_v = torch.where(keep, best_v, torch.full_like(best_v, float("nan")))
+    m = best_v.shape[1]
+    sel = rows.cpu().numpy()
+    out_sims[sel, :m] = best_v.cpu().numpy()
+    out_idx[sel, :m] = best_i.cpu().numpy().astype(np.int32)
+
+
+def _rescored_topk(
+    qc: Tensor, g64: Tensor, g32: Tensor, g_invalid: Tensor, *, k: int, k1: int, gcs: int
+) -> tuple[Tensor, Tensor]:
+    """float32 retrieval of k1 candidates per query row, then float64 re-scoring and the deterministic order."""
+    q32 = qc.float()
+    n_g = g32.shape[0]
+    cand_v = torch.empty((qc.shape[0], 0), dtype=torch.float32, device=qc.device)
+    cand_i = torch.empty((qc.shape[0], 0), dtype=torch.int64, device=qc.device)
+    for g0 in range(0, n_g, gcs):
+        g1 = min(g0 + gcs, n_g)
+        sims = q32 @ g32[g0:g1].T
+        sims.masked_fill_(g_invalid[g0:g1][None, :], float("-inf"))
+        v, i = torch.topk(sims, min(k1, g1 - g0), dim=1)
+        v, i = torch.cat([cand_v, v], dim=1), torch.cat([cand_i, i + g0], dim=1)
+        v, pos = torch.topk(v, min(k1, v.shape[1]), dim=1)
+        cand_v, cand_i = v, i.gather(1, pos)
+    out_v, out_i = [], []
+    for s in range(0, qc.shape[0], 1024):  # bounded memory for the [r, k1, D] float64 gather
+        ci = cand_i[s : s + 1024]
+        exact = torch.einsum("rd,rmd->rm", qc[s : s + 1024], g64[ci]).float()
+        exact = exact.masked_fill(~torch.isfinite(cand_v[s : s + 1024]) | g_invalid[ci], float("-inf"))
+        v, i = _sort_desc_then_index(exact, ci)
+        out_v.append(v[:, :k])
+        out_i.append(i[:, :k])
+    return torch.cat(out_v), torch.cat(out_i)
 
 
 def faiss_topk(
