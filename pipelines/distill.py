@@ -279,6 +279,11 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
     device = resolve_device(config.device)
     rank, world = _dist_info()
     is_main = rank == 0
+    if world > 1 and len(shards) < world * max(1, config.workers):
+        raise ValueError(
+            f"{len(shards)} shard(s) for {world} ranks x {max(1, config.workers)} workers: every reader needs at least "
+            "one shard (a rank without data would leave the others waiting in the gradient all-reduce)"
+        )
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
     resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
