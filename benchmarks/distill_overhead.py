@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-samples", type=int, default=1024, help="dataset size (sets how many candidates repeat)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--k", type=int, default=11)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--student", default="mobilevitv2_tinybert")
     parser.add_argument("--loader-batches", type=int, default=0, help="0 = one epoch")
