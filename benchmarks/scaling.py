@@ -85,7 +85,7 @@ def eval_point(n_images: int, captions_per_image: int, *, sample_rows: int, full
     inputs_bytes = (img.numel() + txt.numel()) * 4
     if max(n_images, n_t) <= full_limit:
         seconds, mem = measure(lambda: retrieval_ranks_from_embeddings(img, txt, t2i, chunk_size=chunk_size))
-        rows, measured = n_images, seconds
+        rows, measured = max(n_images, n_t), seconds
     else:
         rows = max(chunk_size, sample_rows)
         measured, mem = measure(lambda: eval_ranks_subset(img, txt, t2i, rows=rows, chunk_size=chunk_size))
