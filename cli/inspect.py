@@ -6,10 +6,10 @@ import json
 from typing import Annotated, Any
 
 import typer
-from mcad_cache.cli.app import app, call_pipeline, console
 from rich.table import Table
 
 from mcad_cache.cache.store import check_cache, describe_cache, open_cache
+from mcad_cache.cli.app import app, call_pipeline, console
 
 
 def _fmt_bytes(n: float) -> str:

@@ -17,7 +17,6 @@ import torch
 import webdataset as wds
 import zarr
 from fake_teacher import FakeTeacher
-from mcad_cache.pipelines.build_cache import _BuildLock, run
 from PIL import Image
 
 from mcad_cache.cache import check_cache, chunked_topk, open_cache
@@ -31,6 +30,7 @@ from mcad_cache.errors import (
     DataSourceError,
     NonFiniteError,
 )
+from mcad_cache.pipelines.build_cache import _BuildLock, run
 
 TESTS = Path(__file__).resolve().parent
 # Subprocess builds: one intra-op thread (tiny models; on a busy shared machine OpenMP threads spin against each other).
@@ -316,19 +316,31 @@ KILLER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import fake_teacher  # registers "fake"
     from mcad_cache.config import BuildConfig
-    from mcad_cache.pipelines.build_cache import _BuildLock, run
+    from mcad_cache.cache.store import CacheWriter
+    from mcad_cache.pipelines.build_cache import run
 
-    kill_after = int(sys.argv[1])
+    kill_after, mode = int(sys.argv[1]), sys.argv[2]
     seen = [0]
 
     def progress(iterable, description="", total=None):
         for item in iterable:
-            if description.startswith("pass") and not description.startswith("pass 0"):
+            if mode == "progress" and description.startswith("pass") and not description.startswith("pass 0"):
                 seen[0] += 1
                 if seen[0] > kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
             yield item
 
+    mark_done = CacheWriter.mark_done
+
+    def mark_done_or_die(self, stage, unit):
+        # "marker" mode: die after a unit's data is written but before its done marker
+        if mode == "marker" and stage != "layout":
+            seen[0] += 1
+            if seen[0] > kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        mark_done(self, stage, unit)
+
+    CacheWriter.mark_done = mark_done_or_die
     run(BuildConfig(**{config!r}), progress=progress)
     """
 )
@@ -344,16 +356,19 @@ def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
     script.write_text(KILLER.format(tests=str(TESTS), config=fields))
     kills = 0
-    for _ in range(10):  # each run commits some units of passes 1-3, then dies after 8 progress items
+    for attempt in range(12):
+        # each run commits some units of passes 1-3, then dies: between two progress items, or between a unit's data
+        # and its done marker (the unit is then rewritten by the next run)
+        args = ["8", "progress"] if attempt % 2 == 0 else ["5", "marker"]
         proc = subprocess.run(
-            [sys.executable, str(script), "8"], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV
         )
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
         kills += 1
         assert not open_cache(tmp_path / "killed.zarr").complete
-    assert kills >= 2 and proc.returncode == 0
+    assert kills >= 3 and proc.returncode == 0
     ref, got = _all_arrays(tmp_path / "ref.zarr"), _all_arrays(tmp_path / "killed.zarr")
     assert sorted(ref) == sorted(got)
     for name in ref:
@@ -366,8 +381,9 @@ def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
 
 
 def test_cli_build_then_inspect_check(shards, tmp_path):
-    from mcad_cache.cli.main import app
     from typer.testing import CliRunner
+
+    from mcad_cache.cli.main import app
 
     shard_dir, _ = shards
     out = tmp_path / "cli.zarr"
