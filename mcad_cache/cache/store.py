@@ -167,6 +167,7 @@ class CacheWriter:
             chunks=spec.chunks(layout),
             dtype=dtype,
             fill_value=spec.fill_value,
+            compressors=None if spec.small_chunks else "auto",
             dimension_names=spec.dims,
             attributes={"doc": spec.doc},
         )
