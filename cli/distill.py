@@ -56,6 +56,7 @@ def distill(
     checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints (0 = end only)")] = None,
     log_every: Annotated[int, typer.Option(help="steps between metrics.jsonl lines")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="resume from the run dir's checkpoint")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default; 1 on a shared, busy CPU)")] = None,
     loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")] = None,
     config: Annotated[str, typer.Option("--config", help="run.json with DistillConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -72,7 +73,7 @@ def distill(
             preset=preset, k=k, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers, device=device, precision=precision,
             seed=seed, shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, log_every=log_every,
-            resume=resume, loss=loss_overrides,
+            resume=resume, loss=loss_overrides, threads=threads,
         )  # fmt: skip
         summary = call_pipeline(pipeline.run, cfg, progress=progress)
     except (ValueError, FileNotFoundError) as err:

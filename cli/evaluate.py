@@ -56,6 +56,7 @@ def eval_(
     itm_score: Annotated[str, typer.Option(help="single-stream rank score: itm | itm+itc")] = None,
     chunk_size: Annotated[int, typer.Option(help="query rows per similarity chunk")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default)")] = None,
     config: Annotated[str, typer.Option("--config", help="JSON with EvalConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -67,7 +68,7 @@ def eval_(
         cfg = call_pipeline(
             load_config, EvalConfig, config, model=model, teacher=teacher, pretrained=pretrained, data=data or None,
             out=out, batch_size=batch_size, workers=workers, device=device, k_test=k_test, itm_score=itm_score,
-            chunk_size=chunk_size, precision=precision,
+            chunk_size=chunk_size, precision=precision, threads=threads,
         )  # fmt: skip
         result = call_pipeline(pipeline.run, cfg, progress=progress)
     except (ValueError, FileNotFoundError) as err:

@@ -81,6 +81,7 @@ class DistillConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     log_every: int = 10  # steps between metric lines in metrics.jsonl
     resume: bool = True  # resume from the run directory's last checkpoint when present
+    threads: int = 0  # torch intra-op CPU threads (0 = torch's default; 1 avoids oversubscribing a shared CPU)
     loss: dict[str, Any] = field(default_factory=dict)  # loss weights and temperatures (docs/losses.md)
 
 
@@ -98,6 +99,7 @@ class EvalConfig:
     itm_score: str = "itm+itc"  # single-stream rank score: itm | itm+itc
     chunk_size: int = 1024  # query rows per similarity chunk
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    threads: int = 0  # torch intra-op CPU threads (0 = torch's default)
 
 
 @dataclass(frozen=True)

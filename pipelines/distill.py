@@ -62,7 +62,7 @@ SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 # Fields that may change between a run and its resumption without changing what is trained.
 PREFETCH_BATCHES = 2  # batches joined (cache reads, candidate images) ahead of the step, in a background thread
-RESUME_FREE_FIELDS = ("resume", "workers", "log_every", "checkpoint_every", "device")
+RESUME_FREE_FIELDS = ("resume", "workers", "log_every", "checkpoint_every", "device", "threads")
 
 
 def _identity(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
@@ -273,6 +273,8 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _iden
         raise ValueError(f"unknown preset {config.preset!r}; known: {', '.join(PRESETS)}")
     if config.batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (in-batch contrastive terms), got {config.batch_size}")
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     loss_config = preset(config.preset, **dict(config.loss))
     shards = expand_shards(config.data)
     run_dir = Path(config.out)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch.utils.data import DataLoader
 
 from mcad_cache.cache import open_cache
@@ -99,6 +100,8 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = _identit
     """
     if config.itm_score not in ITM_SCORES:
         raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {config.itm_score!r}")
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     shards = expand_shards(config.data)
     kind, folder = resolve_model_kind(config)
     device = resolve_device(config.device)
