@@ -336,11 +336,12 @@ def train_step(
             optionally their weighted sum ``loss``).
         step: the 1-based number of this optimiser step (for error messages).
         keys: the sample keys of the batch (for error messages).
-        grad_clip: max global L2 norm of all gradients; 0 = off.
+        grad_clip: max L2 norm of the student's gradients, and separately of the loss module's; 0 = off.
         device: where the model runs (decides autocast); default: the model's first parameter's device.
         precision: see :func:`autocast_for`.
     Returns:
-        Float values of every loss term plus ``loss``, ``grad_norm`` and ``lr``.
+        Float values of every loss term plus ``loss``, ``grad_norm`` (student, before clipping),
+        ``loss_grad_norm`` (loss module, when it has gradients) and ``lr``.
     Raises:
         NonFiniteError: the loss (or the gradient norm) is NaN or inf; names the step and the batch's keys.
     """
@@ -358,19 +359,27 @@ def train_step(
         )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    if not bool(torch.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"step {step}: non-finite gradient norm {float(grad_norm)}; batch keys {_keys_str(keys)}")
+    # Clip the student and the loss module (feature heads, integration module) separately: the integration
+    # objective can be large, and one global norm would let its gradients shrink the student's updates.
+    norms = {}
+    for name, module in (("grad_norm", model), ("loss_grad_norm", loss_module)):
+        params = [p for p in module.parameters() if p.grad is not None] if module is not None else []
+        if not params:
+            continue
+        if grad_clip > 0:
+            norms[name] = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            norms[name] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    for name, norm in norms.items():
+        if not bool(torch.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"step {step}: non-finite {name} {float(norm)}; batch keys {_keys_str(keys)}")
     optimizer.step()
     lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
     out = {k: float(v.detach()) for k, v in losses.items() if k.endswith("_loss") or k == "loss"}
-    out.update({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": float(lr)})
+    out.update({"loss": float(loss.detach()), "lr": float(lr)})
+    out.update({name: float(norm) for name, norm in norms.items()})
     return out
 
 
