@@ -63,7 +63,6 @@ ALBEF_WEIGHTS_FILE = "albef_demo.pth"
 DUAL_MODES = ("auto", "bridge", "tuned", "bridge+tuned")
 # Candidates an open_clip model can hold (the softmax bridge is measured as a reference only).
 _SAVEABLE = ("linear_bridge", "tuned", "bridge+tuned")
-CLIP_CONTEXT_LENGTH = 32  # tokens incl. [CLS]/[SEP]: openclipart captions are short (our choice)
 _PREPARE_VERSION = 1  # bump when this pipeline's training recipe changes (part of the fingerprint)
 
 
@@ -339,7 +338,7 @@ def tune_dual(
     return vp.weight.detach().clone(), tp.weight.detach().clone(), float(log_scale.exp())
 
 
-def albef_config(*, image_size: int, embed_dim: int, fusion_layers: int) -> dict[str, Any]:
+def albef_config(*, image_size: int, embed_dim: int, fusion_layers: int, max_length: int = 30) -> dict[str, Any]:
     """The ALBEF JSON config of the single-stream demo teacher (``albef.AlbefConfig.from_dict`` layout): timm
     ``tf_efficientnet_lite0`` image tower (``vision_encoder="timm_cnn"``, width 1280, EfficientNet-Lite
     preprocessing) and a MiniLM-shaped BERT with 6 text layers + ``fusion_layers`` fusion layers."""
@@ -353,7 +352,7 @@ def albef_config(*, image_size: int, embed_dim: int, fusion_layers: int) -> dict
         "image_std": list(offline.EFFICIENTNET_LITE_STD),
         "embed_dim": embed_dim,
         "temp": 0.07,
-        "max_length": 30,
+        "max_length": max_length,
         "max_words": 30,
         "bert": {
             "hidden_size": minilm["hidden_size"],
@@ -383,21 +382,31 @@ def tune_albef(
     steps: int,
     batch_size: int,
     lr: float,
+    lr_pretrained: float,
+    easy_fraction: float = 0.0,
     generator: torch.Generator,
     device: torch.device,
     progress: ProgressFn = _identity,
 ) -> list[dict[str, float]]:
     """ITC + ITM tuning (``offline.albef_losses``) of the fusion layers, projections, ITM head and temperature; the
-    embeddings and text-only layers stay frozen (their outputs are the cached ``text_tokens``). Returns a short
-    loss log (every 25 steps)."""
+    embeddings and text-only layers stay frozen (their outputs are the cached ``text_tokens``). Freshly initialised
+    parameters (cross-attention, projections, ITM head, temperature) use ``lr``; the fusion layers' MiniLM-initialised
+    weights ``lr_pretrained``. ITM negatives are drawn uniformly for the first ``easy_fraction`` of the steps, then by
+    ITC similarity (ALBEF's hard negatives): with hard negatives from the start the fresh ITM head stayed at the
+    constant "no match" answer for 100+ steps (docs/demo-teachers.md). Returns a short loss log (every 25 steps)."""
     fusion = heads.text_encoder.fusion_layer
     for p in heads.text_encoder.embeddings.parameters():
         p.requires_grad_(False)
     for layer in heads.text_encoder.encoder.layer[:fusion]:
         for p in layer.parameters():
             p.requires_grad_(False)
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.02)
+    named = [(n, p) for n, p in heads.named_parameters() if p.requires_grad]
+    fresh = [p for n, p in named if ".crossattention." in n or not n.startswith("text_encoder.")]
+    pretrained = [p for n, p in named if not (".crossattention." in n or not n.startswith("text_encoder."))]
+    params = fresh + pretrained
+    opt = torch.optim.AdamW(
+        [{"params": fresh, "peak": lr}, {"params": pretrained, "peak": lr_pretrained}], lr=lr, weight_decay=0.02
+    )
     heads.train()
     n = image_tokens.shape[0]
     rows = _caption_sampler(txt2img, n)
@@ -416,6 +425,7 @@ def tune_albef(
             image_ids=idx.to(device),
             caption_ids=cap_ids[cap].to(device),
             generator=generator,
+            hard_negatives=step >= easy_fraction * steps,
         )
         if not torch.isfinite(out["loss"]):
             raise NonFiniteError(f"single-stream tuning: loss {out['loss'].item()} at step {step}")
@@ -423,7 +433,7 @@ def tune_albef(
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, lr, max(1, steps // 15))
+            g["lr"] = _cosine_lr(step, steps, g["peak"], max(1, steps // 15))
         opt.step()
         if step % 25 == 0 or step == steps - 1:
             log.append({"step": step, **{k: round(float(v), 4) for k, v in out.items()}})
@@ -441,7 +451,7 @@ def albef_val_recall(
     *,
     k_test: int,
     device: torch.device,
-    pair_batch_size: int = 128,
+    pair_batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
     """Val recall of the single-stream teacher: ITC alone, and the ALBEF protocol (ITC top-``k_test`` re-scored by
     the ITM positive logit plus the ITC cosine, ``mcad_cache.eval``'s ``"itm+itc"``; others ``-inf``)."""
@@ -457,7 +467,15 @@ def albef_val_recall(
     def itm(ii: Tensor, tt: Tensor) -> Tensor:
         scores = []
         for a, b in zip(ii.split(pair_batch_size), tt.split(pair_batch_size), strict=True):
-            logits = heads.itm_logits(image_tokens[a].to(device), text_tokens[b].to(device), text_mask[b].to(device))
+            uniq, inverse = a.unique(return_inverse=True)
+            mask = text_mask[b]
+            length = int(mask.sum(1).max())
+            logits = heads.itm_logits(
+                image_tokens[uniq].to(device),
+                text_tokens[b][:, :length].to(device),
+                mask[:, :length].to(device),
+                inverse.to(device),
+            )
             scores.append(logits[:, 1].float().cpu())
         return torch.cat(scores)
 
@@ -468,6 +486,9 @@ def albef_val_recall(
     ranks_i2t = topk_ranks_i2t(idx_i2t, itm_i2t + s_i2t, txt2img)
     ranks_t2i = topk_ranks_t2i(idx_t2i, itm_t2i + s_t2i, txt2img, num_images=sims.shape[0])
     out[f"itm+itc@{k_test}"] = recall_from_ranks(ranks_i2t, ranks_t2i)
+    ranks_i2t = topk_ranks_i2t(idx_i2t, itm_i2t, txt2img)
+    ranks_t2i = topk_ranks_t2i(idx_t2i, itm_t2i, txt2img, num_images=sims.shape[0])
+    out[f"itm@{k_test}"] = recall_from_ranks(ranks_i2t, ranks_t2i)
     return out
 
 
@@ -662,26 +683,31 @@ def run(
     from transformers import AutoModel, BertTokenizerFast
 
     minilm = AutoModel.from_pretrained(str(offline.minilm_path())).to(device).eval()
-    clip_tok = HFTokenizer(str(offline.minilm_path()), context_length=CLIP_CONTEXT_LENGTH)
+    clip_tok = HFTokenizer(str(offline.minilm_path()), context_length=config.context_length)
     bert_tok = BertTokenizerFast.from_pretrained(str(offline.minilm_path()))
     train_caps, train_t2i = train.flat_captions
     val_caps, val_t2i = val.flat_captions
     train_text = minilm_sentence_embeddings(
-        minilm, bert_tok, train_caps, context_length=CLIP_CONTEXT_LENGTH, device=device
+        minilm, bert_tok, train_caps, context_length=config.context_length, device=device
     )
-    val_text = minilm_sentence_embeddings(minilm, bert_tok, val_caps, context_length=CLIP_CONTEXT_LENGTH, device=device)
+    val_text = minilm_sentence_embeddings(
+        minilm, bert_tok, val_caps, context_length=config.context_length, device=device
+    )
     class_text = F.normalize(
         minilm_sentence_embeddings(
             minilm,
             bert_tok,
             offline.imagenet_prompts(config.prompt_template),
-            context_length=CLIP_CONTEXT_LENGTH,
+            context_length=config.context_length,
             device=device,
         ),
         dim=-1,
     )
     acfg_dict = albef_config(
-        image_size=config.image_size_px, embed_dim=config.embed_dim, fusion_layers=config.fusion_layers
+        image_size=config.image_size_px,
+        embed_dim=config.embed_dim,
+        fusion_layers=config.fusion_layers,
+        max_length=config.context_length,
     )
     from mcad_cache.teachers.albef import AlbefConfig
 
@@ -725,7 +751,7 @@ def run(
         clip_dir,
         embed_dim=wv.shape[0],
         image_size=config.image_size_px,
-        context_length=CLIP_CONTEXT_LENGTH,
+        context_length=config.context_length,
         trunk_state=trunk_state,
         text_state=minilm_state,
         visual_proj=wv,
@@ -747,6 +773,8 @@ def run(
             steps=config.albef_steps,
             batch_size=config.albef_batch_size,
             lr=config.albef_lr,
+            lr_pretrained=config.albef_lr_pretrained,
+            easy_fraction=config.albef_easy_fraction,
             generator=generator,
             device=device,
             progress=progress,
@@ -799,6 +827,7 @@ def run(
             "logit_scale": round(1.0 / float(heads.temp), 3),
             "val": _round(albef_metrics[f"itm+itc@{config.k_test}"]),
             "val_itc": _round(albef_metrics["itc"]),
+            "val_itm": _round(albef_metrics[f"itm@{config.k_test}"]),
             "train_log": albef_log,
         },
         "data": {

@@ -236,6 +236,34 @@ def test_albef_losses_train_the_fusion_layers():
     assert heads.text_encoder.encoder.layer[0].attention.self.query.weight.grad is None  # text layers not used
 
 
+def test_itm_logits_with_shared_image_keys_equal_the_row_wise_path():
+    """The training path (cross-attention keys/values once per unique image, gathered) gives the teacher's
+    row-wise fusion numbers (``AlbefTextEncoder.forward_fusion`` on repeated image tokens)."""
+    torch.manual_seed(0)
+    heads = offline.AlbefHeads(_tiny_albef_cfg()).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 5, 1280, generator=g)
+    texts = torch.randn(7, 6, 32, generator=g)
+    mask = torch.ones(7, 6, dtype=torch.long)
+    mask[2, 3:] = 0
+    index = torch.tensor([0, 2, 2, 1, 0, 1, 2])
+    with torch.no_grad():
+        shared = heads.itm_logits(images, texts, mask, index)
+        row_wise = heads.itm_logits(images[index], texts, mask)
+    torch.testing.assert_close(shared, row_wise, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_negatives_ignore_similarity():
+    torch.manual_seed(0)
+    heads = offline.AlbefHeads(_tiny_albef_cfg())
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, 5, 1280, generator=g), torch.randn(4, 6, 32, generator=g), torch.ones(4, 6).long())
+    out = offline.albef_losses(
+        heads, *args, image_ids=torch.arange(4), caption_ids=torch.arange(4), generator=g, hard_negatives=False
+    )
+    assert torch.isfinite(out["loss"]) and 0 <= float(out["itm_acc"]) <= 1
+
+
 @needs_minilm
 def test_minilm_to_albef_text_copies_layers_and_fusion_init():
     state = offline.load_minilm_state()
@@ -298,9 +326,9 @@ def test_albef_checkpoint_round_trip_through_create_teacher(tmp_path):
     """``save_albef_checkpoint`` writes the original ALBEF layout; ``create_teacher("albef", config=, pretrained=)``
     reproduces the tuned heads' ITC embeddings and ITM logits."""
     import timm
-    from mcad_cache.pipelines.prepare_teachers import albef_config
     from transformers import BertTokenizerFast
 
+    from mcad_cache.pipelines.prepare_teachers import albef_config
     from mcad_cache.teachers.albef import AlbefConfig
 
     torch.manual_seed(0)

@@ -344,10 +344,34 @@ class AlbefHeads(nn.Module):
         """text_tokens [B, L, C] (text-mode output) -> text_emb [B, D], ``normalize(text_proj(text_tokens[:, 0]))``."""
         return F.normalize(self.text_proj(text_tokens[:, 0].float()), dim=-1)
 
-    def itm_logits(self, image_tokens: Tensor, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        """Row-wise pairs -> itm_logits [B, 2] float ([no-match, match]) through the fusion layers."""
-        fused = self.text_encoder.forward_fusion(text_tokens.float(), attention_mask, image_tokens.float())
-        return self.itm_head(fused[:, 0])
+    def itm_logits(
+        self, image_tokens: Tensor, text_tokens: Tensor, attention_mask: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        """(image, text) pairs -> itm_logits [P, 2] float ([no-match, match]) through the fusion layers.
+
+        Args:
+            image_tokens: [P, L_i, C_v] (row-wise pairs), or with ``image_index`` [U, L_i, C_v] unique images.
+            text_tokens: [P, L, C] text-mode states; attention_mask [P, L].
+            image_index: optional [P] int64, the image row of each pair. The cross-attention keys and values are
+                then computed once per unique image and gathered (the same numbers as repeating the image tokens,
+                with far fewer 1280-wide projections; used in training where ITM pairs reuse the batch's images).
+        """
+        if image_index is None:
+            fused = self.text_encoder.forward_fusion(text_tokens.float(), attention_mask, image_tokens.float())
+            return self.itm_head(fused[:, 0])
+        mask = attention_mask.bool()
+        x = text_tokens.float()
+        memory = image_tokens.float()
+        for layer in self.text_encoder.encoder.layer[self.text_encoder.fusion_layer :]:
+            x = layer.attention(x, x, mask)
+            cross = layer.crossattention.self
+            k = cross._split(cross.key(memory))[image_index]
+            v = cross._split(cross.value(memory))[image_index]
+            out = F.scaled_dot_product_attention(cross._split(cross.query(x)), k, v)
+            b, h, n, d = out.shape
+            x = layer.crossattention.output(out.transpose(1, 2).reshape(b, n, h * d), x)
+            x = layer.output(layer.intermediate(x), x)
+        return self.itm_head(x[:, 0])
 
 
 def sample_hard_negatives(sims: Tensor, same: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -380,6 +404,7 @@ def albef_losses(
     image_ids: Tensor,
     caption_ids: Tensor,
     generator: torch.Generator | None = None,
+    hard_negatives: bool = True,
 ) -> dict[str, Tensor]:
     """ALBEF's ITC + ITM objectives on one batch of matched pairs (Li et al. 2021, sections 3.2-3.3; without
     momentum distillation, queues and MLM): ITC is the symmetric InfoNCE with ``logit_scale = 1 / temp``; ITM
@@ -393,6 +418,7 @@ def albef_losses(
         image_ids: [B] int64 image identity of each row (rows of one image are positives of each other).
         caption_ids: [B] int64 caption-string identity (identical captions are not used as negatives).
         generator: RNG of the negative draws.
+        hard_negatives: draw negatives by ITC similarity (ALBEF); False draws them uniformly among non-positives.
     Returns:
         ``{"itc_loss", "itm_loss", "loss" (their sum), "itm_acc" (no gradient)}``, scalars.
     """
@@ -403,13 +429,17 @@ def albef_losses(
     itc = itc_loss(image_emb, text_emb, 1.0 / heads.temp, labels=image_ids)
     same = (image_ids[:, None] == image_ids[None, :]) | (caption_ids[:, None] == caption_ids[None, :])
     sims = image_emb @ text_emb.T / heads.temp
+    if not hard_negatives:
+        sims = torch.zeros_like(sims)
     neg_text = sample_hard_negatives(sims, same, generator)  # for each image row, a negative caption
     neg_image = sample_hard_negatives(sims.T, same.T, generator)  # for each caption row, a negative image
-    img = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
-    txt = torch.cat([text_tokens, text_tokens, text_tokens[neg_text]])
-    mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-    logits = heads.itm_logits(img, txt, mask)
     b = image_tokens.shape[0]
+    rows = torch.arange(b, device=image_tokens.device)
+    image_index = torch.cat([rows, neg_image, rows])
+    text_index = torch.cat([rows, rows, neg_text])
+    mask = attention_mask[text_index]
+    length = int(mask.sum(1).max())  # drop columns that are padding in every pair (masked keys: same result)
+    logits = heads.itm_logits(image_tokens, text_tokens[text_index][:, :length], mask[:, :length], image_index)
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
     itm = F.cross_entropy(logits, labels)
     return {
