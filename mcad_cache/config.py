@@ -141,7 +141,10 @@ class DemoConfig:
     k: int = DEFAULT_K  # top-k candidates cached and used by the students (MCAD default 11)
     build_batch_size: int = 64  # teacher batch size in build and eval
     fused_dtype: str = "fp16"  # fused-feature storage in the single-stream cache
-    student: str = "demo_student"  # student config (mcad_cache/student/configs)
+    student: str = ""  # student config name / JSON; "" = packaged pretrained towers (docs/demo.md), sized below
+    student_image_size: int = 96  # "" student: EfficientNet-Lite0 input side in pixels (the teachers use 160)
+    student_text_layers: int = 2  # "" student: first N of all-MiniLM-L6-v2's 6 layers (the teachers use 6 + fusion)
+    teachers: dict[str, Any] = field(default_factory=dict)  # TeachersConfig overrides (pipelines/prepare_teachers)
     presets: tuple[str, ...] = ("mcad", "contrastive")  # students trained from the same init, same steps
     steps: int = 300  # optimiser steps per student
     batch_size: int = 32  # pairs per step

@@ -22,10 +22,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, prepare_teachers, verify
-
-from mcad_cache.config import BuildConfig, DemoConfig, DistillConfig, EvalConfig, ImportConfig, config_to_dict
+from mcad_cache.config import (
+    BuildConfig,
+    DemoConfig,
+    DistillConfig,
+    EvalConfig,
+    ImportConfig,
+    TeachersConfig,
+    config_to_dict,
+    load_config,
+)
 from mcad_cache.errors import DataError
+from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, prepare_teachers, verify
+from mcad_cache.student import CONFIG_DIR as STUDENT_CONFIG_DIR
+from mcad_cache.student.convert import packaged_pretrained_overrides
 
 _logger = logging.getLogger(__name__)
 
@@ -59,6 +69,27 @@ def _import(config: DemoConfig, work: Path, progress: Callable[..., Iterable[Any
         progress=progress,
     )
     return out
+
+
+def demo_student(config: DemoConfig, work: Path) -> str:
+    """The student config the demo trains: ``config.student`` when set, else a JSON written to ``work`` that starts
+    from the pretrained towers PyPI packages ship (EfficientNet-Lite0 image tower at ``student_image_size`` px, the
+    first ``student_text_layers`` layers of all-MiniLM-L6-v2), smaller than the teachers built from the same towers.
+    """
+    if config.student:
+        return config.student
+    path = work / "student.json"
+    overrides = packaged_pretrained_overrides(work / "weights")
+    spec = {
+        **json.loads(Path(STUDENT_CONFIG_DIR / "minilm_efficientnet.json").read_text()),
+        **overrides,
+        "name": "demo_student",
+        "image_size": config.student_image_size,
+        "text_model_kwargs": {"num_hidden_layers": config.student_text_layers},
+    }
+    spec.pop("_comment", None)
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    return str(path)
 
 
 def _eval(cfg: EvalConfig, progress: Callable[..., Iterable[Any]]) -> dict[str, Any]:
@@ -99,8 +130,13 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
 
     t0 = time.perf_counter()
     teachers = prepare_teachers.run(
-        shards_root=str(shards_root), out=str(work / "teachers"), seed=config.seed, progress=progress
+        load_config(TeachersConfig, None, **config.teachers),
+        shards_root=str(shards_root),
+        out=str(work / "teachers"),
+        seed=config.seed,
+        progress=progress,
     )
+    student = demo_student(config, work)
     timings["prepare_teachers_s"] = time.perf_counter() - t0
 
     caches: dict[str, str] = {}
@@ -135,7 +171,7 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
                 cache=(caches["clip"], caches["albef"]),
                 data=tuple(train),
                 out=str(run_dir),
-                student=config.student,
+                student=student,
                 preset=preset_name,
                 k=config.k,
                 batch_size=config.batch_size,
