@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-samples-clip", type=int, default=32)
     parser.add_argument("--num-samples-albef", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16, help="teacher batch size (both paths); 0 = min(16, N)")
-    parser.add_argument("--reps-clip", type=int, default=2)
+    parser.add_argument("--reps-clip", type=int, default=5)
     parser.add_argument("--reps-albef", type=int, default=2)
     parser.add_argument("--k", type=int, default=11)
     parser.add_argument("--workers", type=int, default=2, help="build DataLoader workers")
