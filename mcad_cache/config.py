@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mcad_cache.constants import DEFAULT_K
+from mcad_cache.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -173,7 +174,8 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file or overrides name a field the dataclass does not have, or a value of the wrong type.
+        ConfigError: the file is not JSON, or it or the overrides name a field the dataclass does not have, or give
+            a value of the wrong type.
     """
     values: dict[str, Any] = {}
     if path:
@@ -181,13 +183,13 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
         try:
             values.update(json.loads(text))
         except json.JSONDecodeError as err:
-            raise ValueError(f"config {path}: not valid JSON: {err}") from err
+            raise ConfigError(f"config {path}: not valid JSON: {err}") from err
     values.update({k: v for k, v in overrides.items() if v is not None})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
     resolved = {k: _coerce(hints[k], v) for k, v in values.items()}
     for key, value in resolved.items():
         default = getattr(cls, key, None) if not isinstance(getattr(cls, key, None), dataclasses.Field) else None
@@ -196,7 +198,7 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
             and not isinstance(value, type(default))
             and not (isinstance(default, float) and isinstance(value, int))
         ):
-            raise ValueError(f"{cls.__name__}.{key}: expected {type(default).__name__}, got {value!r}")
+            raise ConfigError(f"{cls.__name__}.{key}: expected {type(default).__name__}, got {value!r}")
     return cls(**resolved)
 
 

@@ -71,3 +71,7 @@ class NonFiniteError(McadError, FloatingPointError):
 
 class OfflineAssetError(McadError, ModuleNotFoundError):
     """A package that ships pretrained weights for the offline demo teachers is not installed (names the package)."""
+
+
+class ConfigError(McadError, ValueError):
+    """A run config (JSON file or flags) that names an unknown field or gives a value of the wrong type."""
