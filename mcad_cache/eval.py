@@ -441,7 +441,7 @@ def evaluate_cache(
         idx, scores = [], []
         for s in range(0, n, chunk_size):
             rows = torch.arange(s, min(s + chunk_size, n)).numpy()
-            top = reader.topk(direction, rows, k=k)
+            top = reader.topk(direction, rows, k=k, fused=False)
             cand = torch.as_tensor(top["idx"]).long()
             valid = torch.as_tensor(top["valid"]).bool() if "valid" in top else cand >= 0
             combined = _combine(torch.as_tensor(top["itm_logits"]), torch.as_tensor(top["sims"]), score)
