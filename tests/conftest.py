@@ -81,10 +81,10 @@ def tiny_albef_teacher(tiny_bert_tokenizer_dir):
     return create_teacher("albef", model="tiny", tokenizer=str(tiny_bert_tokenizer_dir), device="cpu")
 
 
-@pytest.fixture()
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Run a test with one intra-op thread (restored afterwards). On a shared, oversubscribed CPU, OpenMP spin-waits
-    make tiny models ~100x slower with 2 threads than with 1; request it (or use it autouse in a module)."""
+    """Every test runs with one intra-op thread (restored afterwards): the models are tiny, and on a shared,
+    oversubscribed CPU OpenMP spin-waits make them ~100x slower with 2 threads than with 1."""
     import torch
 
     before = torch.get_num_threads()
