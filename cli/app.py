@@ -37,8 +37,10 @@ console = Console(stderr=True)
 
 def setup_logging(verbose: bool = False) -> None:
     """Route library logging through rich on stderr (the library itself never configures handlers)."""
+    # Our own loggers at INFO (DEBUG with -v); other libraries (open_clip logs to the root logger) at WARNING.
+    logging.getLogger("mcad_cache").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
