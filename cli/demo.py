@@ -19,7 +19,9 @@ def demo(
     k: Annotated[int, typer.Option("--k", help="top-k candidates cached and used")] = None,
     student: Annotated[str, typer.Option(help="student config name or JSON path")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
-    seed: Annotated[int, typer.Option(help="seed of split, init, shuffling")] = None,
+    seed: Annotated[int, typer.Option(help="seed of split, teachers, student init, shuffling")] = None,
+    seeds: Annotated[str, typer.Option(help="seed study: comma-separated student seeds, e.g. 0,1,2")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads for distill (0 = torch's default)")] = None,
     config: Annotated[str, typer.Option("--config", help="run.json with DemoConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -30,7 +32,8 @@ def demo(
 
     cfg = call_pipeline(
         load_config, DemoConfig, config, work=work, max_samples=max_samples, steps=steps, batch_size=batch_size,
-        k=k, student=student, workers=workers, seed=seed,
+        k=k, student=student, workers=workers, seed=seed, threads=threads,
+        seeds=[int(x) for x in seeds.split(",") if x.strip()] if seeds else None,
     )  # fmt: skip
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
     console.print(f"report: {summary['report']}")

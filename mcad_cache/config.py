@@ -152,7 +152,9 @@ class DemoConfig:
     lr: float = 3e-4  # peak AdamW learning rate
     warmup_steps: int = 20  # linear warmup steps
     workers: int = 2  # DataLoader worker processes
-    seed: int = 0  # one seed for data split, init, shuffling
+    seed: int = 0  # one seed for data split, teachers, student init and shuffling
+    seeds: tuple[int, ...] = ()  # seed study: also train each preset with these student seeds; RSUM mean and spread
+    threads: int = 0  # torch CPU threads for distill (0 = torch's default)
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset
 
 

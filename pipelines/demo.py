@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -162,10 +163,9 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
         caches[name] = str(out)
         timings[f"build_{name}_s"] = time.perf_counter() - t0
 
-    runs: dict[str, str] = {}
-    for preset_name in config.presets:
-        t0 = time.perf_counter()
-        run_dir = work / "runs" / preset_name
+    def train_student(preset_name: str, seed: int) -> str:
+        suffix = "" if seed == config.seed else f"_seed{seed}"
+        run_dir = work / "runs" / f"{preset_name}{suffix}"
         distill.run(
             DistillConfig(
                 cache=(caches["clip"], caches["albef"]),
@@ -179,12 +179,18 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
                 lr=config.lr,
                 warmup_steps=config.warmup_steps,
                 workers=config.workers,
-                seed=config.seed,
+                threads=config.threads,
+                seed=seed,
                 loss=dict(config.loss),
             ),
             progress=progress,
         )
-        runs[preset_name] = str(run_dir)
+        return str(run_dir)
+
+    runs: dict[str, str] = {}
+    for preset_name in config.presets:
+        t0 = time.perf_counter()
+        runs[preset_name] = train_student(preset_name, config.seed)
         timings[f"distill_{preset_name}_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -204,6 +210,27 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
         cfg = replace(base, model=run_dir, out=str(Path(run_dir) / "eval.json"))
         results[f"student: {preset_name}"] = _eval(cfg, progress)
     timings["eval_s"] = time.perf_counter() - t0
+
+    # Seed study: the same teachers and caches, students with other seeds (init of the new layers, shuffling,
+    # anchor-caption choice); RSUM mean and spread per preset.
+    seed_study: dict[str, dict[str, Any]] = {}
+    if config.seeds:
+        t0 = time.perf_counter()
+        for preset_name in config.presets:
+            rsums = {}
+            for seed in config.seeds:
+                run_dir = runs[preset_name] if seed == config.seed else train_student(preset_name, seed)
+                cfg = replace(base, model=run_dir, out=str(Path(run_dir) / "eval.json"))
+                rsums[seed] = _eval(cfg, progress)["metrics"]["rsum"]
+            values = list(rsums.values())
+            seed_study[preset_name] = {
+                "rsum_by_seed": rsums,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+        timings["seed_study_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
     summary = {
@@ -214,6 +241,7 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identit
         "runs": runs,
         "results": {name: r["metrics"] for name, r in results.items()},
         "protocol": next(iter(results.values()))["protocol"],
+        "seed_study": seed_study,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     summary["report"] = str(write_report(work, summary))
@@ -275,7 +303,21 @@ def write_report(work: Path, summary: dict[str, Any]) -> Path:
     for preset_name, run_dir in summary["runs"].items():
         png = Path(run_dir) / distill.CURVES_FILE
         if png.is_file():
-            lines += [f"Loss curves, `{preset_name}` student:", "", f"![{preset_name}]({Path(png).resolve()})", ""]
+            rel = png.resolve().relative_to(work.resolve()) if png.resolve().is_relative_to(work.resolve()) else png
+            lines += [f"Loss curves, `{preset_name}` student:", "", f"![{preset_name}]({rel})", ""]
+    if summary.get("seed_study"):
+        lines += [
+            "## Seed study (RSUM)",
+            "",
+            "| student | seeds | mean | std | min | max |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name, st in summary["seed_study"].items():
+            seeds = ", ".join(f"{s}: {v:.1f}" for s, v in st["rsum_by_seed"].items())
+            lines.append(
+                f"| {name} | {seeds} | {st['mean']:.1f} | {st['std']:.1f} | {st['min']:.1f} | {st['max']:.1f} |"
+            )
+        lines.append("")
     lines += ["## Timings", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
     path = work / "report.md"
