@@ -256,7 +256,7 @@ def chance_recall(num_images: int, num_captions: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in (1, 5, 10):
         miss = 1.0
-        for j in range(k):
+        for j in range(min(k, num_captions)):
             miss *= max(0.0, (num_captions - c - j) / (num_captions - j))
         out[f"i2t_R@{k}"] = 100.0 * (1.0 - miss)
         out[f"t2i_R@{k}"] = 100.0 * min(1.0, k / num_images)
