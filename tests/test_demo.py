@@ -33,6 +33,7 @@ def test_demo_end_to_end_then_reuse(clipart_root, tmp_path):
         image_size_px=64,
         samples_per_shard=40,
         k=3,
+        distill_k=2,
         build_batch_size=16,
         student="tiny",
         steps=3,
