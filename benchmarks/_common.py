@@ -139,10 +139,29 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _libc() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+if _LIBC is not None:
+    # A fixed mmap threshold (glibc M_MMAP_THRESHOLD = -3): blocks of 128 KiB or more are mmapped and returned to the
+    # OS when freed. glibc's default raises the threshold after large frees and then keeps freed blocks in its heap,
+    # so a later operation could reuse them without raising the resident set: its peak would read as ~0.
+    _LIBC.mallopt(-3, 128 * 1024)
+
+
 class PeakMemory:
     """Peak resident memory of the process while the ``with`` block runs.
 
-    ``VmHWM`` (the kernel's RSS high-water mark) is reset on entry through ``/proc/self/clear_refs`` (Linux); where
+    Freed heap memory is returned to the OS on entry (glibc ``malloc_trim``; large blocks are always mmapped, see
+    ``_LIBC``), so memory the block allocates shows in the resident set. ``VmHWM`` (the kernel's RSS high-water
+    mark) is reset on entry through ``/proc/self/clear_refs`` (Linux); where
     that is not possible, ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is used (a high-water mark since the process
     started, so ``increase_bytes`` is then an upper bound only when the block sets a new peak).
 
@@ -151,6 +170,11 @@ class PeakMemory:
     """
 
     def __enter__(self) -> PeakMemory:
+        import gc
+
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)  # return freed heap memory, so that what the block allocates shows in the RSS
         self.method = "VmHWM reset via /proc/self/clear_refs"
         try:
             with open("/proc/self/clear_refs", "w") as f:
