@@ -555,9 +555,8 @@ def build_synthetic_caches(
 ) -> list[str]:
     """Build one cache per synthetic teacher spec (e.g. ``("clip-vit-b-16", "albef-base")``) over ``shards`` with the
     real build pipeline; a complete cache with the same fingerprint is reused. Returns the cache paths."""
-    from mcad_cache.pipelines.build_cache import run as build_run
-
     from mcad_cache.config import BuildConfig
+    from mcad_cache.pipelines.build_cache import run as build_run
 
     create_synthetic_teacher(specs[0])  # registers bench-synthetic
     paths = []
@@ -603,12 +602,11 @@ class DistillSetup:
         seed: int = 0,
         preset_name: str = "mcad",
     ) -> None:
-        from mcad_cache.pipelines.distill import EpochStream, open_caches
-
         from mcad_cache.data.decode import DecodePolicy
         from mcad_cache.data.transforms import make_image_transform
         from mcad_cache.data.webdataset import SkipReport
         from mcad_cache.losses import MCADLoss, preset
+        from mcad_cache.pipelines.distill import EpochStream, open_caches
         from mcad_cache.student import create_student
         from mcad_cache.targets import CandidateImages, TargetJoiner
         from mcad_cache.train import create_optimizer, create_scheduler

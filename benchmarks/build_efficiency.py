@@ -120,10 +120,9 @@ def bare_albef(teacher: Any, images: torch.Tensor, tokens: list[dict[str, torch.
 
 
 def run_teacher(name: str, args: argparse.Namespace, work: Path, device: torch.device) -> dict[str, Any]:
+    from mcad_cache.config import BuildConfig
     from mcad_cache.pipelines.build_cache import resolve_precision
     from mcad_cache.pipelines.build_cache import run as build_run
-
-    from mcad_cache.config import BuildConfig
     from mcad_cache.teachers import create_teacher
 
     quick = args.quick

@@ -100,9 +100,8 @@ def eval_point(n_images: int, captions_per_image: int, *, sample_rows: int, full
 
 
 def build_point(n: int, work: Path, *, device: torch.device, workers: int, seed: int) -> dict[str, Any]:
-    from mcad_cache.pipelines.build_cache import run as build_run
-
     from mcad_cache.config import BuildConfig
+    from mcad_cache.pipelines.build_cache import run as build_run
 
     shards = C.make_shards(work / f"shards-{n}", num_samples=n, per_shard=max(1, min(10_000, n // 2)),
                            image_size=(32, 24), fmt_ext="png", seed=seed)  # fmt: skip
