@@ -491,7 +491,17 @@ def create_synthetic_teacher(spec_name: str, *, device: str | torch.device = "cp
     return _synthetic_teacher_class()(spec_name, device=device, seed=seed)
 
 
-TIMED_METHODS = ("tokenize", "encode_image", "encode_text", "image_tokens", "itm_from_tokens")
+TIMED_METHODS = (
+    "tokenize",
+    "encode_image",
+    "encode_text",
+    "image_tokens",
+    "text_tokens",
+    "encode_image_from_tokens",
+    "encode_text_from_tokens",
+    "itm_from_tokens",
+    "itm_from_text_tokens",
+)
 
 
 class TimingProxy:
