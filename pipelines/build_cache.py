@@ -71,13 +71,13 @@ from mcad_cache.errors import (
     McadError,
     NonFiniteError,
 )
+from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.base import resolve_device
 
 _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ProgressFn = Callable[..., Iterable[Any]]
 
 CANDIDATE_RULE = (
     "global top-k over all valid rows by ITC cosine similarity of the stored embeddings (float64 accumulation, "
@@ -86,10 +86,6 @@ CANDIDATE_RULE = (
 RESCORE_MARGIN_CUDA = 16  # on CUDA: float32 top-(k + 16) retrieval, float64 re-scoring (fast where float64 is slow)
 FUSED_ROWS_PER_CHUNK = 4  # fused arrays: 4 rows per chunk (measured: docs/cache-format.md, "Read speed")
 MAX_SKIP_EXAMPLES = 100  # (shard, key, reason) examples kept in the manifest
-
-
-def _identity(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
-    return iterable
 
 
 @dataclass
@@ -371,7 +367,7 @@ class _UnitAccumulator:
 
 
 # ------------------------------------------------------------------------------------------------------ build
-def run(config: BuildConfig, *, progress: ProgressFn = _identity) -> BuildResult:
+def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResult:
     """Build (or resume, or confirm) the cache ``config.out`` of teacher ``config.teacher`` over ``config.data``.
 
     Args:

@@ -22,6 +22,7 @@ from mcad_cache.data.importers import ImportReport, first_n, write_index, write_
 from mcad_cache.data.importers.folder import load_folder
 from mcad_cache.data.importers.karpathy import load_karpathy
 from mcad_cache.data.importers.openclipart import load_openclipart
+from mcad_cache.progress import no_progress
 
 _logger = logging.getLogger(__name__)
 
@@ -30,11 +31,7 @@ DEFAULT_OPENCLIPART_ROOT = ".work/openclipart"
 REPORT_FILE = "import_report.json"
 
 
-def _identity(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
-    return iterable
-
-
-def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = _identity) -> dict[str, Any]:
+def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:
     """Import ``config.source`` into shards under ``config.out``; returns the import report (also written to disk).
 
     Raises:

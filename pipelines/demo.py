@@ -35,16 +35,13 @@ from mcad_cache.config import (
 )
 from mcad_cache.errors import DataError
 from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, prepare_teachers, verify
+from mcad_cache.progress import no_progress
 from mcad_cache.student import CONFIG_DIR as STUDENT_CONFIG_DIR
 from mcad_cache.student.convert import packaged_pretrained_overrides
 
 _logger = logging.getLogger(__name__)
 
 RECALL_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
-
-
-def _identity(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
-    return iterable
 
 
 def _shards(root: Path, split: str) -> list[str]:
@@ -102,7 +99,7 @@ def _eval(cfg: EvalConfig, progress: Callable[..., Iterable[Any]]) -> dict[str, 
     return evaluate.run(cfg, progress=progress)
 
 
-def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = _identity) -> dict[str, Any]:
+def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to ``<work>/summary.json``) and writes ``report.md``.
 
     Raises:

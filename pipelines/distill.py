@@ -36,6 +36,7 @@ from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, SkipReport, collate_samples, expand_shards
 from mcad_cache.errors import CacheMismatchError, CacheSchemaError, CheckpointError
 from mcad_cache.losses import PRESETS, MCADLoss, preset
+from mcad_cache.progress import no_progress
 from mcad_cache.student import create_student
 from mcad_cache.targets import CandidateImages, TargetJoiner, distill_forward
 from mcad_cache.teachers.base import resolve_device
@@ -63,10 +64,6 @@ FINAL_DIR = "final"
 # Fields that may change between a run and its resumption without changing what is trained.
 PREFETCH_BATCHES = 2  # batches joined (cache reads, candidate images) ahead of the step, in a background thread
 RESUME_FREE_FIELDS = ("resume", "workers", "log_every", "checkpoint_every", "device", "threads")
-
-
-def _identity(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
-    return iterable
 
 
 # ------------------------------------------------------------------------------------------------- data stream
@@ -255,7 +252,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------- run
-def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = _identity) -> dict[str, Any]:
+def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:
     """Distil a student from the caches in ``config.cache`` on ``config.data``; see the module docstring.
 
     Returns:

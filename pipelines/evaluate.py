@@ -36,6 +36,7 @@ from mcad_cache.eval import (
 )
 from mcad_cache.metrics import METRIC_KEYS
 from mcad_cache.pipelines.distill import FINAL_DIR, SUMMARY_FILE, check_cache_data
+from mcad_cache.progress import no_progress
 from mcad_cache.student import DualEncoder
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.base import resolve_device
@@ -45,10 +46,6 @@ T = TypeVar("T")
 
 EVAL_FILE = "eval.json"
 STUDENT_CONFIG = "student_config.json"
-
-
-def _identity(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
-    return iterable
 
 
 def resolve_model_kind(config: EvalConfig) -> tuple[str, Path | None]:
@@ -87,7 +84,7 @@ def _batches(shards: list[str], model: Any, config: EvalConfig) -> DataLoader:
     return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_samples)
 
 
-def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = _identity) -> dict[str, Any]:
+def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:
     """Evaluate one model on the test shards; write and return the results.
 
     Returns:

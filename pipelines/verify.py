@@ -9,14 +9,11 @@ from typing import Any
 
 from mcad_cache.data.decode import DecodePolicy
 from mcad_cache.data.verify import VerifyReport, verify_shards
-
-
-def _identity(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
-    return iterable
+from mcad_cache.progress import no_progress
 
 
 def run(
-    shards: Sequence[str], *, json_out: str | None = None, progress: Callable[..., Iterable[Any]] = _identity
+    shards: Sequence[str], *, json_out: str | None = None, progress: Callable[..., Iterable[Any]] = no_progress
 ) -> VerifyReport:
     """Verify ``shards`` with the default decode policy; write the report to ``json_out`` when given.
 

@@ -20,12 +20,9 @@ from mcad_cache.data.decode import DecodePolicy
 from mcad_cache.data.index import KNOWN_EXTENSIONS, scan_shard
 from mcad_cache.data.skips import SKIP_REASONS
 from mcad_cache.data.webdataset import _group_members, expand_shards, iter_shard_samples
+from mcad_cache.progress import no_progress
 
 MAX_LISTED = 20  # problems listed per kind; counts stay exact
-
-
-def _identity(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
-    return iterable
 
 
 @dataclass
@@ -87,7 +84,7 @@ def verify_shards(
     shards: str | Iterable[str],
     *,
     policy: DecodePolicy | None = None,
-    progress: Callable[..., Iterable[Any]] = _identity,
+    progress: Callable[..., Iterable[Any]] = no_progress,
 ) -> VerifyReport:
     """Stream every shard once (sorted order) and report every problem (module docstring).
 

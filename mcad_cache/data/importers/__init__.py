@@ -25,6 +25,7 @@ from PIL import Image
 
 from mcad_cache.data.decode import DecodePolicy, apply_exif_orientation, decode_image, open_checked, to_rgb
 from mcad_cache.data.skips import SampleSkip
+from mcad_cache.progress import no_progress
 
 _logger = logging.getLogger(__name__)
 
@@ -243,10 +244,6 @@ class ImportItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _identity_progress(iterable: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
-    return iterable
-
-
 def _load_and_reencode(job: tuple[Path, int, DecodePolicy]) -> tuple[bytes, str] | tuple[None, str, str]:
     """Worker: read and re-encode one image; returns (bytes, ext) or (None, reason, detail). Module-level: picklable."""
     path, image_size_px, policy = job
@@ -269,7 +266,7 @@ def write_items(
     policy: DecodePolicy,
     report: ImportReport,
     workers: int = 1,
-    progress: Any = _identity_progress,
+    progress: Any = no_progress,
 ) -> dict[str, Any]:
     """Re-encode and write items in the given order; returns the ``splits`` part of ``index.json``.
 
