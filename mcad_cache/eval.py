@@ -32,6 +32,7 @@ from mcad_cache.metrics import (
     topk_ranks_i2t,
     topk_ranks_t2i,
 )
+from mcad_cache.teachers.text_states import TextStateCache, supports_text_states
 
 _logger = logging.getLogger(__name__)
 
@@ -339,6 +340,7 @@ def evaluate_single_stream(
     it: Iterable[Mapping[str, Any]] = batches
     if progress is not None:
         it = progress(batches, "ITM re-rank", None)
+    text_states = TextStateCache(teacher, rs.captions, block=pair_batch_size) if supports_text_states(teacher) else None
     with autocast_context(device, precision):
         for batch in it:
             local = [(j, row_of[k]) for j, k in enumerate(batch["key"]) if k in row_of and row_of[k] in wanted]
@@ -349,9 +351,14 @@ def evaluate_single_stream(
             pairs = [(pos, i, t) for pos, (_, i) in enumerate(local) for t in sorted(wanted[i])]
             for s in range(0, len(pairs), pair_batch_size):
                 chunk = pairs[s : s + pair_batch_size]
-                tokens = teacher.tokenize([rs.captions[t] for _, _, t in chunk])
-                tokens = {k: v.to(device) for k, v in tokens.items()}
-                logits, _ = teacher.itm_from_tokens(image_tokens[[pos for pos, _, _ in chunk]], tokens)
+                chunk_image_tokens = image_tokens[[pos for pos, _, _ in chunk]]
+                if text_states is not None:  # text-only layers once per caption, not once per pair
+                    text_tokens, mask = text_states.get([t for _, _, t in chunk])
+                    logits, _ = teacher.itm_from_text_tokens(chunk_image_tokens, text_tokens, mask)
+                else:
+                    tokens = teacher.tokenize([rs.captions[t] for _, _, t in chunk])
+                    tokens = {k: v.to(device) for k, v in tokens.items()}
+                    logits, _ = teacher.itm_from_tokens(chunk_image_tokens, tokens)
                 for (_, i, t), value in zip(chunk, logits[:, 1].float().cpu().tolist(), strict=True):
                     itm[(i, t)] = value
             done.update(i for _, i in local)

@@ -74,6 +74,7 @@ from mcad_cache.errors import (
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.base import resolve_device
+from mcad_cache.teachers.text_states import TextStateCache, supports_text_states
 
 _logger = logging.getLogger(__name__)
 
@@ -949,51 +950,6 @@ def _save_scratch(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-class _TextStates:
-    """Text-only encoder states of captions, reused across every pair a caption is in (ALBEF's fusion encoder starts
-    from text-only layers, so those run once per caption instead of once per pair: about K + 1 times fewer).
-
-    Captions are encoded in fixed blocks of ``block`` text rows, so a value never depends on which pairs asked first
-    (a resumed build computes the same numbers). Blocks are kept first-in first-out up to ``max_bytes``.
-    """
-
-    def __init__(
-        self,
-        teacher: Any,
-        captions: list[str],
-        *,
-        device: torch.device,
-        precision: str,
-        block: int,
-        max_bytes: int = 2 * 1024**3,
-    ) -> None:
-        self.teacher, self.captions, self.device, self.precision = teacher, captions, device, precision
-        self.block, self.max_bytes, self.bytes = block, max_bytes, 0
-        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if b not in self.blocks:
-            rows = self.captions[b * self.block : (b + 1) * self.block]
-            tok = {k: v.to(self.device) for k, v in self.teacher.tokenize(rows).items()}
-            with _autocast(self.device, self.precision):
-                states = self.teacher.text_tokens(tok)
-            entry = (states, tok["attention_mask"])
-            size = states.numel() * states.element_size()
-            while self.blocks and self.bytes + size > self.max_bytes:
-                old = self.blocks.pop(next(iter(self.blocks)))
-                self.bytes -= old[0].numel() * old[0].element_size()
-            self.blocks[b] = entry
-            self.bytes += size
-        return self.blocks[b]
-
-    def get(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """text_tokens [n, L, C] and attention_mask [n, L] of caption rows ``rows`` (on the teacher's device)."""
-        parts = [self._block(r // self.block) for r in rows]
-        states = torch.stack([p[0][r % self.block] for p, r in zip(parts, rows, strict=True)])
-        mask = torch.stack([p[1][r % self.block] for p, r in zip(parts, rows, strict=True)])
-        return states, mask
-
-
 def _pass_itm_images(
     writer: CacheWriter, teacher: Any, config: BuildConfig, device: torch.device, precision: str, common: dict[str, Any]
 ) -> None:
@@ -1014,11 +970,7 @@ def _pass_itm_images(
         lambda u: -(-(writer.unit_range("itm_i2t", u)[1] - u * lay.rows_per_chunk) // config.batch_size)
     )
     sdir = _scratch_dir(writer)
-    text_states = (
-        _TextStates(teacher, captions, device=device, precision=precision, block=config.batch_size)
-        if hasattr(teacher, "text_tokens") and hasattr(teacher, "itm_from_text_tokens")
-        else None
-    )
+    text_states = TextStateCache(teacher, captions, block=config.batch_size) if supports_text_states(teacher) else None
 
     def make(unit: int) -> Callable[[], dict[str, Any]]:
         a, b = writer.unit_range("itm_i2t", unit)
