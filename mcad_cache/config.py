@@ -54,6 +54,7 @@ class BuildConfig:
     chunk_size: int = 4096  # query rows per similarity chunk in the global top-k
     rows_per_chunk: int = 1024  # rows per Zarr chunk / commit unit
     strict: bool = False  # stop at the first bad sample instead of skipping and counting it
+    threads: int = 0  # torch intra-op CPU threads (0 = torch's default; 1 beside decode workers on a small CPU)
     overwrite: bool = False  # replace a cache at `out` built with another fingerprint (default: refuse with a diff)
     rank: int = 0  # this build process's index among world_size processes writing one cache (disjoint units)
     world_size: int = 1  # number of build processes sharing the work (each launched with its own --rank)
@@ -155,7 +156,7 @@ class DemoConfig:
     workers: int = 2  # DataLoader worker processes
     seed: int = 0  # one seed for data split, teachers, student init and shuffling
     seeds: tuple[int, ...] = ()  # seed study: also train each preset with these student seeds; RSUM mean and spread
-    threads: int = 1  # torch CPU threads for distill (0 = torch's default; 1 beside 2 decode workers on 2 cores)
+    threads: int = 1  # torch CPU threads in build, distill, eval (0 = torch's default; 1 beside 2 decode workers)
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset
 
 

@@ -385,6 +385,8 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
         UnknownModelError: an unknown teacher name.
     """
     _check_config(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     t_start = time.perf_counter()
     stage_s: dict[str, float] = {}
     try:

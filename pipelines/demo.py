@@ -153,6 +153,7 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
                 batch_size=config.build_batch_size,
                 workers=config.workers,
                 fused_dtype=config.fused_dtype,
+                threads=config.threads,
             ),
             progress=progress,
         )
@@ -192,7 +193,13 @@ def run(config: DemoConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
 
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
-    base = EvalConfig(data=tuple(test), workers=config.workers, batch_size=config.build_batch_size, k_test=config.k)
+    base = EvalConfig(
+        data=tuple(test),
+        workers=config.workers,
+        batch_size=config.build_batch_size,
+        k_test=config.k,
+        threads=config.threads,
+    )
     for name in ("clip", "albef"):
         spec = teachers[name]
         cfg = replace(
