@@ -210,7 +210,7 @@ class FakeReader:
     def text_emb(self, rows):
         return self._txt[rows].astype(np.float32)
 
-    def topk(self, direction, rows, *, k=None):
+    def topk(self, direction, rows, *, k=None, fused=True):
         k = k or self.k
         if k > self.k:
             raise CacheSchemaError(f"k={k} > cache k={self.k}")
