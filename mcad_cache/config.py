@@ -141,11 +141,11 @@ class DemoConfig:
     samples_per_shard: int = 500  # samples per shard tar
     image_size_px: int = 256  # longest side of the re-encoded images in the shards
     k: int = DEFAULT_K  # top-k candidates cached in both caches (MCAD default 11)
-    distill_k: int = 5  # k' <= k candidates the students use (each candidate image is encoded: CPU time grows with k')
+    distill_k: int = 3  # k' <= k candidates the students use (each candidate image is encoded: CPU time grows with k')
     build_batch_size: int = 64  # teacher batch size in build and eval
     fused_dtype: str = "fp16"  # fused-feature storage in the single-stream cache
     student: str = ""  # student config name / JSON; "" = packaged pretrained towers (docs/demo.md), sized below
-    student_image_size: int = 96  # "" student: EfficientNet-Lite0 input side in pixels (the teachers use 160)
+    student_image_size: int = 64  # "" student: EfficientNet-Lite0 input side in pixels (the teachers use 160)
     student_text_layers: int = 2  # "" student: first N of all-MiniLM-L6-v2's 6 layers (the teachers use 6 + fusion)
     teachers: dict[str, Any] = field(default_factory=dict)  # TeachersConfig overrides (pipelines/prepare_teachers)
     presets: tuple[str, ...] = ("mcad", "contrastive")  # students trained from the same init, same steps
