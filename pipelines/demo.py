@@ -35,7 +35,7 @@ from mcad_cache.config import (
 )
 from mcad_cache.errors import DataError
 from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, prepare_teachers, verify
-from mcad_cache.progress import no_progress
+from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.student import CONFIG_DIR as STUDENT_CONFIG_DIR
 from mcad_cache.student.convert import packaged_pretrained_overrides
 
@@ -48,24 +48,27 @@ def _shards(root: Path, split: str) -> list[str]:
     return sorted(str(p) for p in (root / split).glob("shard-*.tar"))
 
 
-def _import(config: DemoConfig, work: Path, progress: Callable[..., Iterable[Any]]) -> Path:
+def _import(config: DemoConfig, work: Path, progress: ProgressFn) -> Path:
     out = work / "shards"
-    if (out / data_import.REPORT_FILE).is_file() and all(_shards(out, s) for s in ("train", "val", "test")):
-        _logger.info("step 1: shards already imported in %s (reused)", out)
-        return out
-    _logger.info("step 1: importing the Open Clip Art Library into %s", out)
-    data_import.run(
-        ImportConfig(
-            source="openclipart",
-            out=str(out),
-            root=config.openclipart_root,
-            samples_per_shard=config.samples_per_shard,
-            max_samples=config.max_samples,
-            image_size_px=config.image_size_px,
-            seed=config.seed,
-        ),
-        progress=progress,
+    wanted = ImportConfig(
+        source="openclipart",
+        out=str(out),
+        root=config.openclipart_root,
+        samples_per_shard=config.samples_per_shard,
+        max_samples=config.max_samples,
+        image_size_px=config.image_size_px,
+        seed=config.seed,
     )
+    index = out / "index.json"
+    if (out / data_import.REPORT_FILE).is_file() and index.is_file():
+        saved = json.loads(index.read_text()).get("config", {})
+        same = all(saved.get(k) == v for k, v in config_to_dict(wanted).items() if k != "workers")
+        if same and all(_shards(out, s) for s in ("train", "val", "test")):
+            _logger.info("step 1: shards already imported in %s (reused)", out)
+            return out
+        _logger.info("step 1: shards in %s were imported with other settings: importing again", out)
+    _logger.info("step 1: importing the Open Clip Art Library into %s", out)
+    data_import.run(wanted, progress=progress)
     return out
 
 

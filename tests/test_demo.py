@@ -4,6 +4,7 @@ students, eval and the report; then a second run that reuses every finished step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -71,6 +72,11 @@ def test_demo_end_to_end_then_reuse(clipart_root, tmp_path):
     again = demo.run(config)  # everything reused: same numbers, no rebuild
     assert again["results"] == json.loads(json.dumps(summary["results"]))
     assert again["timings_s"]["total_s"] < summary["timings_s"]["total_s"]
+
+    index = tmp_path / "demo" / "shards" / "index.json"
+    fewer = demo._import(dataclasses.replace(config, max_samples=20), tmp_path / "demo", demo.no_progress)
+    assert json.loads((fewer / "index.json").read_text())["config"]["max_samples"] == 20  # other settings: re-import
+    assert index.is_file()
 
 
 def test_chance_recall_matches_a_hand_computed_case():
