@@ -338,7 +338,7 @@ def tune_dual(
         opt.step()
         with torch.no_grad():
             log_scale.clamp_(0, math.log(100))  # CLIP clamps the scale at 100
-    return vp.weight.detach().clone(), tp.weight.detach().clone(), float(log_scale.exp())
+    return vp.weight.detach().clone(), tp.weight.detach().clone(), float(log_scale.detach().exp())
 
 
 def albef_config(*, image_size: int, embed_dim: int, fusion_layers: int, max_length: int = 30) -> dict[str, Any]:
