@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from mcad_cache.cli.app import call_pipeline, console, data_app, progress, setup_logging
 from rich.table import Table
 
+from mcad_cache.cli.app import call_pipeline, console, data_app, progress, setup_logging
 from mcad_cache.config import ImportConfig, load_config
 from mcad_cache.data.skips import SKIP_REASONS
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from mcad_cache.config import DemoConfig, load_config
 
 

@@ -6,8 +6,8 @@ import json
 from typing import Annotated
 
 import typer
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from mcad_cache.config import TeachersConfig, load_config
 
 

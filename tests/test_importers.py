@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mcad_cache.pipelines import data_import
 from PIL import Image
 
 from mcad_cache.config import ImportConfig
@@ -28,6 +27,7 @@ from mcad_cache.data.importers.openclipart import (
     read_svg_meta,
 )
 from mcad_cache.errors import DataSourceError
+from mcad_cache.pipelines import data_import
 from tests.data_fixtures import image_bytes
 
 

@@ -81,8 +81,11 @@ def test_library_has_no_print_or_exit():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in {"print", "exit"}:
                 bad.append((str(p.relative_to(ROOT)), node.lineno))
-            if isinstance(node, ast.Attribute) and node.attr in {"exit", "environ", "getenv"} and isinstance(
-                node.value, ast.Name
-            ) and node.value.id in {"sys", "os"}:
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in {"exit", "environ", "getenv"}
+                and isinstance(node.value, ast.Name)
+                and node.value.id in {"sys", "os"}
+            ):
                 bad.append((str(p.relative_to(ROOT)), node.lineno))
     assert bad == []

@@ -506,12 +506,12 @@ def test_tiny_albef_through_the_cache_builder(tiny_bert_tokenizer_dir, tmp_path,
     import json
 
     import webdataset as wds
-    from mcad_cache.pipelines.build_cache import run
     from PIL import Image
 
     from mcad_cache.cache import open_cache
     from mcad_cache.config import BuildConfig, load_config
     from mcad_cache.data.transforms import make_image_transform
+    from mcad_cache.pipelines.build_cache import run
 
     g = torch.Generator().manual_seed(0)
     pngs, captions = {}, {}

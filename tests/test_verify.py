@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mcad_cache.cli.main import app
 from PIL import Image
 from typer.testing import CliRunner
 
+from mcad_cache.cli.main import app
 from mcad_cache.data.index import scan_shard
 from mcad_cache.data.verify import verify_shards
 from tests.data_fixtures import caption_json, good_sample, image_bytes, write_members, write_samples

@@ -14,7 +14,11 @@ from mcad_cache.teachers.base import Teacher
 
 _REGISTRY: dict[str, Callable[..., Teacher]] = {}
 # Built-in name -> module that registers it on import.
-_BUILTIN = {"clip": "mcad_cache.teachers.clip", "albef": "mcad_cache.teachers.albef", "blip": "mcad_cache.teachers.blip"}
+_BUILTIN = {
+    "clip": "mcad_cache.teachers.clip",
+    "albef": "mcad_cache.teachers.albef",
+    "blip": "mcad_cache.teachers.blip",
+}
 
 
 def register_teacher(name: str) -> Callable[[Callable[..., Teacher]], Callable[..., Teacher]]:
