@@ -39,6 +39,11 @@ def setup_logging(verbose: bool = False) -> None:
     """Route library logging through rich on stderr (the library itself never configures handlers)."""
     # Our own loggers at INFO (DEBUG with -v); other libraries (open_clip logs to the root logger) at WARNING.
     logging.getLogger("mcad_cache").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # transformers reports unused checkpoint weights (e.g. MiniLM layers a student drops on purpose) through its own
+    # handler; errors only unless --verbose.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_debug() if verbose else hf_logging.set_verbosity_error()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",

@@ -292,6 +292,11 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
     needs_teacher = bool(loss_config.required_inputs()["teacher"])
     if needs_teacher and clip is None:
         raise CacheSchemaError(f"preset {config.preset!r} needs a dual-stream (CLIP) cache: pass --cache")
+    if loss_config.uses_single_stream and loss_config.w_topk_i2t + loss_config.w_topk_t2i > 0 and single is None:
+        raise CacheSchemaError(
+            f"preset {config.preset!r} (integration {loss_config.integration!r}) needs a single-stream (ALBEF/BLIP) "
+            "cache: pass a second --cache, or use --preset clip-kd / clip-kd-feat / contrastive"
+        )
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
