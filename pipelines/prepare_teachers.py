@@ -439,7 +439,7 @@ def tune_albef(
             g["lr"] = _cosine_lr(step, steps, g["peak"], max(1, steps // 15))
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            log.append({"step": step, **{k: round(float(v), 4) for k, v in out.items()}})
+            log.append({"step": step, **{k: round(float(torch.as_tensor(v).detach()), 4) for k, v in out.items()}})
     heads.eval()
     return log
 
