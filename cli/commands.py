@@ -8,8 +8,4 @@ import importlib
 COMMAND_MODULES = ("data", "build", "inspect", "distill", "evaluate", "demo", "teachers")
 
 for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"mcad_cache.cli.{_name}")
-    except ModuleNotFoundError as _err:  # a command module not written yet in this checkout
-        if _err.name != f"mcad_cache.cli.{_name}":
-            raise
+    importlib.import_module(f"mcad_cache.cli.{_name}")
