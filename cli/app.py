@@ -72,10 +72,15 @@ def progress(iterable: Iterable[T], description: str = "", total: int | None = N
             bar.update(task, advance=1, postfix=postfix)
 
 
+def user_error(err: Exception) -> typer.Exit:
+    """Print ``err`` as a one-line message on stderr; return the exit (code 1) for the caller to raise."""
+    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
 def call_pipeline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call one pipeline function; an McadError becomes a one-line message on stderr and exit code 1."""
     try:
         return fn(*args, **kwargs)
     except McadError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from err
+        raise user_error(err) from err

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging, user_error
 from mcad_cache.config import DistillConfig, load_config
 
 
@@ -24,11 +24,6 @@ def _init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _user_error(err: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
 
 
 @app.command("distill")
@@ -77,7 +72,7 @@ def distill(
         )  # fmt: skip
         summary = call_pipeline(pipeline.run, cfg, progress=progress)
     except (ValueError, FileNotFoundError) as err:
-        raise _user_error(err) from err
+        raise user_error(err) from err
     table = Table(title=f"distill {cfg.preset} -> {summary['run_dir']}")
     table.add_column("what")
     table.add_column("value", justify="right")

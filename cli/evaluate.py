@@ -8,15 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging, user_error
 from mcad_cache.config import EvalConfig, load_config
 
 _COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
-
-
-def _user_error(err: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
 
 
 def _metrics_table(title: str, rows: list[dict]) -> Table:
@@ -72,7 +67,7 @@ def eval_(
         )  # fmt: skip
         result = call_pipeline(pipeline.run, cfg, progress=progress)
     except (ValueError, FileNotFoundError) as err:
-        raise _user_error(err) from err
+        raise user_error(err) from err
     p = result["protocol"]
     cpi = p["captions_per_image"]
     console.print(
@@ -99,5 +94,5 @@ def compare(
             names = list(results)
         rows = [row | {"name": name} for row, name in zip(rows, names, strict=True)]
     except (ValueError, FileNotFoundError) as err:
-        raise _user_error(err) from err
+        raise user_error(err) from err
     console.print(_metrics_table("compare", rows))
