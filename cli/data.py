@@ -9,12 +9,14 @@ from rich.table import Table
 
 from mcad_cache.cli.app import call_pipeline, console, data_app, progress, setup_logging
 from mcad_cache.config import ImportConfig, load_config
+from mcad_cache.data.importers import list_importers
 from mcad_cache.data.skips import SKIP_REASONS
+from mcad_cache.demo import openclipart  # noqa: F401  (the demo app's importer: registers --source openclipart)
 
 
 @data_app.command("import")
 def import_(
-    source: Annotated[str, typer.Option(help="openclipart | karpathy | folder")] = None,
+    source: Annotated[str, typer.Option(help=f"importer: {' | '.join(list_importers())}")] = None,
     out: Annotated[str, typer.Option(help="output folder (OUT/<split>/shard-*.tar, index.json, report)")] = None,
     root: Annotated[str, typer.Option(help="openclipart data folder (fetched if absent) or image root")] = None,
     annotations: Annotated[str, typer.Option(help="karpathy dataset_*.json or folder captions .jsonl/.csv")] = None,
@@ -44,11 +46,7 @@ def import_(
         seed=seed,
         workers=workers,
     )
-    try:
-        report = call_pipeline(data_import.run, cfg, progress=progress)
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from err
+    report = call_pipeline(data_import.run, cfg, progress=progress)
     table = Table(title=f"import {cfg.source} -> {cfg.out} ({report['time_s']} s)")
     table.add_column("what")
     table.add_column("count", justify="right")
@@ -73,11 +71,7 @@ def verify(
     setup_logging(verbose)
     from mcad_cache.pipelines import verify as verify_pipeline
 
-    try:
-        report = call_pipeline(verify_pipeline.run, shards, json_out=json_out, progress=progress)
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from err
+    report = call_pipeline(verify_pipeline.run, shards, json_out=json_out, progress=progress)
     d = report.to_dict()
     table = Table(title=f"verify: {d['num_shards']} shard(s), {d['num_samples']} samples, {d['time_s']} s")
     table.add_column("check")

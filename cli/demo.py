@@ -1,17 +1,26 @@
-"""``mcad-cache demo``: the main job end to end on real data (Open Clip Art Library), offline."""
+"""``mcad-cache demo run`` (the main job end to end on real data, offline) and ``mcad-cache demo teachers`` (train
+the offline demo teachers once). The demo app lives in ``mcad_cache.demo``."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
-from mcad_cache.config import DemoConfig, load_config
+from mcad_cache.config import load_config
+from mcad_cache.demo.config import DemoConfig, TeachersConfig
+
+demo_app = typer.Typer(
+    help="The demo app: real data (Open Clip Art Library), offline teachers, both caches, students, report.",
+    no_args_is_help=True,
+)
+app.add_typer(demo_app, name="demo")
 
 
-@app.command("demo")
-def demo(
+@demo_app.command("run")
+def run(
     work: Annotated[str, typer.Option(help="folder for everything the demo writes")] = None,
     max_samples: Annotated[int, typer.Option(help="0 = all usable openclipart images; N = the first N")] = None,
     steps: Annotated[int, typer.Option(help="optimiser steps per student")] = None,
@@ -28,12 +37,57 @@ def demo(
     """Import real data, prepare offline teachers, build both caches, distill MCAD and contrastive students,
     evaluate all four on the test split and write report.md. A second run reuses every finished step."""
     setup_logging(verbose)
-    from mcad_cache.pipelines import demo as pipeline
+    from mcad_cache.demo import run as pipeline
 
+    seed_list = None
+    if seeds:
+        try:
+            seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError as err:
+            msg = f"{seeds!r}: give comma-separated integers, e.g. 0,1,2"
+            raise typer.BadParameter(msg, param_hint="--seeds") from err
     cfg = call_pipeline(
         load_config, DemoConfig, config, work=work, max_samples=max_samples, steps=steps, batch_size=batch_size,
-        k=k, student=student, workers=workers, seed=seed, threads=threads,
-        seeds=[int(x) for x in seeds.split(",") if x.strip()] if seeds else None,
+        k=k, student=student, workers=workers, seed=seed, threads=threads, seeds=seed_list,
     )  # fmt: skip
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
     console.print(f"report: {summary['report']}")
+
+
+@demo_app.command("teachers")
+def teachers(
+    train: Annotated[list[str], typer.Option(help="training shards or a folder of shard-*.tar (repeatable)")] = None,
+    val: Annotated[list[str], typer.Option(help="validation shards or a folder (repeatable)")] = None,
+    out: Annotated[str, typer.Option(help="output folder: clip/, albef/, teachers.json")] = None,
+    max_train_images: Annotated[int, typer.Option(help="first N usable training images (0 = all)")] = None,
+    max_val_images: Annotated[int, typer.Option(help="first N usable validation images (0 = all)")] = None,
+    image_size_px: Annotated[int, typer.Option(help="square input size of both teachers, pixels")] = None,
+    embed_dim: Annotated[int, typer.Option(help="ITC embedding width")] = None,
+    dual_mode: Annotated[str, typer.Option(help="auto | bridge | tuned | bridge+tuned")] = None,
+    dual_steps: Annotated[int, typer.Option(help="dual-stream tuning steps")] = None,
+    albef_steps: Annotated[int, typer.Option(help="single-stream ITC + ITM tuning steps")] = None,
+    fusion_layers: Annotated[int, typer.Option(help="ALBEF fusion layers after MiniLM's 6")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    seed: Annotated[int, typer.Option(help="seed of heads init, batches and negative draws")] = None,
+    force: Annotated[bool, typer.Option("--force", help="prepare again even when up to date")] = None,
+    config: Annotated[str, typer.Option("--config", help="run.json with TeachersConfig fields")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Tune the offline demo teachers (open_clip EfficientNet-Lite0 + MiniLM; ALBEF-architecture with the same
+    towers) on the train shards once and save them in the real clip / albef formats, with their val recall."""
+    setup_logging(verbose)
+    from mcad_cache.demo import prepare_teachers
+
+    cfg = call_pipeline(
+        load_config, TeachersConfig, config, train=tuple(train) if train else None, val=tuple(val) if val else None,
+        out=out, max_train_images=max_train_images, max_val_images=max_val_images, image_size_px=image_size_px,
+        embed_dim=embed_dim, dual_mode=dual_mode, dual_steps=dual_steps, albef_steps=albef_steps,
+        fusion_layers=fusion_layers, workers=workers, device=device, seed=seed, force=force,
+    )  # fmt: skip
+    report = call_pipeline(prepare_teachers.run, cfg, progress=progress)
+    summary = {
+        name: {"model": report[name]["model"], "pretrained": report[name]["pretrained"], "val": report[name]["val"]}
+        for name in ("clip", "albef")
+    }
+    console.print_json(json.dumps({"reused": report["reused"], **summary}))

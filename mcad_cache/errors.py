@@ -39,10 +39,6 @@ class CacheMismatchError(McadError, ValueError):
     """A cache built with another teacher, preprocessing, tokenizer or data than the run uses; the message is a diff."""
 
 
-class PreprocessMismatchError(McadError, ValueError):
-    """A model's preprocessing disagrees with the one a run or cache expects."""
-
-
 class DataError(McadError, ValueError):
     """A bad sample or shard. Names the shard, the sample key and the reason (one of data.SKIP_REASONS)."""
 
@@ -75,3 +71,19 @@ class OfflineAssetError(McadError, ModuleNotFoundError):
 
 class ConfigError(McadError, ValueError):
     """A run config (JSON file or flags) that names an unknown field or gives a value of the wrong type."""
+
+
+class UnknownImporterError(McadError, ValueError):
+    """A ``data import --source`` that no importer is registered under; the message lists the known ones."""
+
+
+class InputPathError(McadError, FileNotFoundError):
+    """A user-given input path (weights, annotations, config) that does not exist or cannot be read."""
+
+
+class OutputPathError(McadError, OSError):
+    """A user-given output path that is a file, lies under a file, or cannot be created or written."""
+
+
+class RunDirError(McadError, FileNotFoundError):
+    """A path that is not what a command needs: not a distill run dir, student checkpoint, cache or eval result."""

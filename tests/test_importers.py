@@ -16,8 +16,8 @@ from PIL import Image
 
 from mcad_cache.config import ImportConfig
 from mcad_cache.data import DecodePolicy, ShardIndex, iter_samples
-from mcad_cache.data.importers import make_key, reencode_image, sha256_file, split_of
-from mcad_cache.data.importers.openclipart import (
+from mcad_cache.data.importers import make_key, reencode_image, split_of
+from mcad_cache.demo.openclipart import (
     ClipartMeta,
     build_captions,
     fetch_openclipart,
@@ -27,6 +27,7 @@ from mcad_cache.data.importers.openclipart import (
     read_svg_meta,
 )
 from mcad_cache.errors import DataSourceError
+from mcad_cache.hashing import file_sha256
 from mcad_cache.pipelines import data_import
 from tests.data_fixtures import image_bytes
 
@@ -105,7 +106,7 @@ def test_karpathy_round_trip_keeps_every_caption(karpathy, tmp_path):
     index = json.loads((out / "index.json").read_text())
     train = index["splits"]["train"]
     assert train["num_samples"] == 2 and [s["num_samples"] for s in train["shards"]] == [2]
-    assert all(s["sha256"] == sha256_file(out / s["path"]) for s in train["shards"])
+    assert all(s["sha256"] == file_sha256(out / s["path"]) for s in train["shards"])
     meta = json.loads(ShardIndex(str(out / "*" / "*.tar")).read_bytes("img_b", "json"))
     assert meta["cocoid"] == 101 and meta["split"] == "restval" and len(meta["captions"]) == 4
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcad_cache.teachers import create_teacher, offline
+from mcad_cache.demo import formats, offline
+from mcad_cache.teachers import create_teacher
 
 
 def _minilm_available() -> bool:
@@ -266,7 +267,7 @@ def test_uniform_negatives_ignore_similarity():
 
 @needs_minilm
 def test_minilm_to_albef_text_copies_layers_and_fusion_init():
-    state = offline.load_minilm_state()
+    state = formats.load_minilm_state()
     mapped = offline.minilm_to_albef_text(state, num_layers=6, fusion_init=[4, 5])
     assert torch.equal(
         mapped["encoder.layer.6.attention.self.query.weight"], state["encoder.layer.4.attention.self.query.weight"]
@@ -290,10 +291,10 @@ def test_open_clip_teacher_round_trip_through_create_teacher(tmp_path):
 
     torch.manual_seed(0)
     trunk = timm.create_model(offline.EFFICIENTNET_TIMM_NAME, num_classes=0).eval()  # random init: fast, no package
-    text_state = offline.load_minilm_state()
+    text_state = formats.load_minilm_state()
     g = torch.Generator().manual_seed(0)
     vp, tp = torch.randn(16, 1280, generator=g) * 0.02, torch.randn(16, 384, generator=g) * 0.05
-    cfg_path, ckpt = offline.save_open_clip_teacher(
+    cfg_path, ckpt = formats.save_open_clip_teacher(
         tmp_path / "clip",
         embed_dim=16,
         image_size=64,
@@ -328,18 +329,18 @@ def test_albef_checkpoint_round_trip_through_create_teacher(tmp_path):
     import timm
     from transformers import BertTokenizerFast
 
-    from mcad_cache.pipelines.prepare_teachers import albef_config
+    from mcad_cache.demo.training import albef_config
     from mcad_cache.teachers.albef import AlbefConfig
 
     torch.manual_seed(0)
     cfg_dict = albef_config(image_size=64, embed_dim=16, fusion_layers=1)
     cfg = AlbefConfig.from_dict(cfg_dict)
     heads = offline.AlbefHeads(cfg).eval()
-    mapped = offline.minilm_to_albef_text(offline.load_minilm_state(), num_layers=6, fusion_init=[5])
+    mapped = offline.minilm_to_albef_text(formats.load_minilm_state(), num_layers=6, fusion_init=[5])
     heads.text_encoder.load_state_dict(mapped, strict=False)
     trunk = timm.create_model(offline.EFFICIENTNET_TIMM_NAME, num_classes=0, global_pool="").eval()
     (tmp_path / "config.json").write_text(json.dumps(cfg_dict))
-    ckpt = offline.save_albef_checkpoint(tmp_path / "w.pth", heads=heads, trunk_state=trunk.state_dict())
+    ckpt = formats.save_albef_checkpoint(tmp_path / "w.pth", heads=heads, trunk_state=trunk.state_dict())
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert "text_encoder.bert.encoder.layer.6.crossattention.self.key.weight" in saved
     assert saved["text_encoder.bert.encoder.layer.6.crossattention.self.key.weight"].shape == (384, 1280)

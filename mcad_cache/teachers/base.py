@@ -1,10 +1,11 @@
-"""The Teacher protocol every cache-building teacher implements (see docs/architecture.md), plus shared helpers:
-device resolution, weight / vocabulary hashing and a ``BaseTeacher`` that holds the common members."""
+"""The Teacher protocols (``Teacher``; the optional single-stream abilities ``SingleStreamTeacher`` and
+``TextStateTeacher``) every cache-building teacher implements (see docs/architecture.md), plus shared helpers: config
+resolution, checkpoint-key reports and a ``BaseTeacher`` that holds the common members. Hashes come from
+``mcad_cache.hashing``, devices from ``mcad_cache.runtime`` (``resolve_device`` is re-exported here)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -14,11 +15,28 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from mcad_cache.errors import CheckpointError
+from mcad_cache.errors import CheckpointError, InputPathError, UnknownModelError
+from mcad_cache.hashing import file_sha256, folder_weights_sha256, state_dict_sha256
+from mcad_cache.runtime import resolve_device
 
 
 @runtime_checkable
-class Teacher(Protocol):
+class TextEncoder(Protocol):
+    """The one text-encoding signature teachers and students share, so eval encodes captions the same way for both:
+    ``model.encode_text(model.tokenize(texts))`` (tokens moved to the model's device first). Students
+    (``mcad_cache.student.DualEncoder``) satisfy it structurally; this module never imports them."""
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """``{"input_ids": [B, L] int64, "attention_mask": [B, L] int64}`` on CPU."""
+        ...
+
+    def encode_text(self, tokens: dict[str, Tensor]) -> Tensor:
+        """tokens from ``tokenize`` -> text_emb [B, D] float32, L2-normalised."""
+        ...
+
+
+@runtime_checkable
+class Teacher(TextEncoder, Protocol):
     """A frozen image-text teacher.
 
     Dual-stream teachers (``kind == "dual"``) give ITC embeddings only; single-stream teachers (``"single"``) also
@@ -76,59 +94,23 @@ class SingleStreamTeacher(Teacher, Protocol):
         ...
 
 
-def resolve_device(device: torch.device | str | None = "auto") -> torch.device:
-    """``"auto"`` / ``None`` -> ``cuda`` when available, else ``cpu``; anything else -> ``torch.device(device)``."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+@runtime_checkable
+class TextStateTeacher(SingleStreamTeacher, Protocol):
+    """A single-stream teacher whose fusion encoder starts with text-only layers (ALBEF: ``mode="text"`` then
+    ``mode="fusion"`` in salesforce/ALBEF ``models/xbert.py``), so a caption's text states can be computed once and
+    reused for every image it is paired with (``teachers.text_states.TextStateCache``). BLIP cross-attends in every
+    text layer and is not one."""
 
+    def text_tokens(self, tokens: dict[str, Tensor]) -> Tensor:
+        """tokens [B, L] -> text_tokens [B, L, C] float32: the output of the text-only layers."""
+        ...
 
-def file_sha256(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (read in ``chunk_bytes`` chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def folder_weights_sha256(folder: str | os.PathLike[str]) -> str:
-    """Hex sha256 over the weight files of a model folder (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, not
-    recursive): for each file in name order, its name and its bytes' sha256.
-
-    Raises:
-        FileNotFoundError: the folder holds no weight file.
-    """
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_FILE_SUFFIXES))
-    if not files:
-        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_FILE_SUFFIXES)}) in {folder}")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.name}|{file_sha256(p)}|".encode())
-    return h.hexdigest()
-
-
-def state_dict_sha256(state_dict: Mapping[str, Tensor]) -> str:
-    """Hex sha256 over a state dict: for each key in sorted order, the key, dtype, shape and raw bytes (CPU,
-    contiguous). Independent of the device the tensors live on and of dict order."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key]
-        if not isinstance(t, Tensor):
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def vocab_sha256(vocab: Mapping[str, int]) -> str:
-    """Hex sha256 of a token -> id mapping (sorted by id, then token)."""
-    items = sorted(((int(i), str(t)) for t, i in vocab.items()))
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+    def itm_from_text_tokens(
+        self, image_tokens: Tensor, text_tokens: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Row-wise pairs: image_tokens [B, L_i, C_v], text_tokens [B, L, C], attention_mask [B, L] ->
+        (itm_logits [B, 2], fused_cls [B, C]); equals ``itm_from_tokens`` on the same pairs."""
+        ...
 
 
 def split_checkpoint_keys(
@@ -184,20 +166,24 @@ def resolve_config(
     Returns:
         ``(config dict, the JSON file's path or None for a dict)``.
     Raises:
-        FileNotFoundError: ``spec`` looks like a JSON path (ends in ``.json``) but no such file exists.
-        ValueError: ``spec`` is neither a dict, a JSON file nor a shipped config name; the message lists the names.
+        InputPathError: ``spec`` looks like a JSON path (ends in ``.json``) but no such file exists (a
+            ``FileNotFoundError``).
+        UnknownModelError: ``spec`` is neither a dict, a JSON file nor a shipped config name; the message lists the
+            names (a ``ValueError``).
     """
     if isinstance(spec, Mapping):
         return copy.deepcopy(dict(spec)), None
     path = Path(spec)
     if path.suffix == ".json":
         if not path.is_file():
-            raise FileNotFoundError(f"{teacher} config file not found: {path}")
+            raise InputPathError(f"{teacher} config file not found: {path}; check --model")
         return json.loads(path.read_text()), path.resolve()
     shipped = CONFIG_DIR / f"{teacher}_{spec}.json"
     if shipped.is_file():
         return json.loads(shipped.read_text()), shipped
-    raise ValueError(f"unknown {teacher} config {str(spec)!r}: not a .json file nor one of {list_configs(teacher)}")
+    raise UnknownModelError(
+        f"unknown {teacher} config {str(spec)!r}: not a .json file nor one of {list_configs(teacher)}"
+    )
 
 
 class BaseTeacher:
@@ -285,15 +271,13 @@ __all__ = [
     "BaseTeacher",
     "SingleStreamTeacher",
     "Teacher",
+    "TextEncoder",
+    "TextStateTeacher",
     "CONFIG_DIR",
     "check_shapes",
     "default_bert_tokenizer_source",
-    "file_sha256",
-    "folder_weights_sha256",
     "list_configs",
     "resolve_config",
     "resolve_device",
     "split_checkpoint_keys",
-    "state_dict_sha256",
-    "vocab_sha256",
 ]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mcad_cache.errors import CheckpointError
+from mcad_cache.hashing import vocab_sha256
 from mcad_cache.teachers import register_teacher
 from mcad_cache.teachers.base import (
     BaseTeacher,
@@ -40,7 +41,6 @@ from mcad_cache.teachers.base import (
     list_configs,
     resolve_config,
     resolve_device,
-    vocab_sha256,
 )
 
 _logger = logging.getLogger(__name__)

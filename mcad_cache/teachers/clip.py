@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mcad_cache.errors import CheckpointError, UnknownModelError
+from mcad_cache.hashing import vocab_sha256
 from mcad_cache.teachers import register_teacher
-from mcad_cache.teachers.base import BaseTeacher, list_configs, resolve_config, resolve_device, vocab_sha256
+from mcad_cache.teachers.base import BaseTeacher, list_configs, resolve_config, resolve_device
 
 _logger = logging.getLogger(__name__)
 

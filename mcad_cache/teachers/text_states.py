@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from mcad_cache.teachers.base import TextStateTeacher
 
-def supports_text_states(teacher: Any) -> bool:
-    """True for teachers whose fusion encoder starts from text-only layers (ALBEF: ``text_tokens`` and
+
+def supports_text_states(teacher: object) -> bool:
+    """True for a :class:`~mcad_cache.teachers.base.TextStateTeacher` (ALBEF: ``text_tokens`` and
     ``itm_from_text_tokens``); BLIP cross-attends in every text layer, so it has no such split."""
-    return hasattr(teacher, "text_tokens") and hasattr(teacher, "itm_from_text_tokens")
+    return isinstance(teacher, TextStateTeacher)
 
 
 class TextStateCache:
@@ -33,7 +34,9 @@ class TextStateCache:
         max_bytes: memory bound of the kept states (device memory where the teacher runs).
     """
 
-    def __init__(self, teacher: Any, captions: Sequence[str], *, block: int = 64, max_bytes: int = 2 * 1024**3) -> None:
+    def __init__(
+        self, teacher: TextStateTeacher, captions: Sequence[str], *, block: int = 64, max_bytes: int = 2 * 1024**3
+    ) -> None:
         if not supports_text_states(teacher):
             raise TypeError(f"{type(teacher).__name__} has no text-only encoder states (text_tokens)")
         if block < 1:

@@ -4,17 +4,22 @@ Every importer writes ``OUT/<split>/shard-%06d.tar`` with ``webdataset.ShardWrit
 ``KEY.json`` = ``{"captions": [...], ...}``), in a deterministic order with tar mtimes fixed to 0, so the same input
 and config give byte-identical shards; then ``OUT/index.json`` (per-shard sha256 and sample counts) and
 ``OUT/import_report.json`` (what was kept and dropped, and why). See ``docs/data.md``.
+
+Importers are a registry (:func:`register_importer`, :func:`get_importer`, :func:`list_importers`): ``karpathy`` and
+``folder`` are built in (registered on first lookup); the demo app registers ``openclipart`` when
+``mcad_cache.demo`` is imported. A new importer is one module with one ``@register_importer`` function.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,8 @@ from PIL import Image
 
 from mcad_cache.data.decode import DecodePolicy, apply_exif_orientation, decode_image, open_checked, to_rgb
 from mcad_cache.data.skips import SampleSkip
+from mcad_cache.errors import UnknownImporterError
+from mcad_cache.hashing import file_sha256
 from mcad_cache.progress import no_progress
 
 _logger = logging.getLogger(__name__)
@@ -109,15 +116,6 @@ def reencode_image(data: bytes, *, max_side_px: int, policy: DecodePolicy) -> tu
     return buf.getvalue(), "jpg"
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class SplitShardWriter:
     """One ``webdataset.ShardWriter`` per split, opened on that split's first sample, into ``OUT/<split>/``.
 
@@ -165,7 +163,7 @@ class SplitShardWriter:
                 {
                     "path": str(Path(fname).relative_to(self.out_dir)),
                     "num_samples": n,
-                    "sha256": sha256_file(fname),
+                    "sha256": file_sha256(fname),
                     "size_bytes": Path(fname).stat().st_size,
                 }
                 for fname, n in sorted(self._counts[split].items())
@@ -300,3 +298,65 @@ def write_items(
             pool.shutdown(cancel_futures=True)
         splits = writer.close()
     return splits
+
+
+@dataclass(frozen=True)
+class ImporterSpec:
+    """One registered importer.
+
+    Attributes:
+        name: the ``--source`` value.
+        load: ``load(*, root: str, annotations: str, seed: int, report: ImportReport) -> list[ImportItem]``, items in
+            the importer's deterministic order (unused arguments are ignored by the importer).
+        needs: ``ImportConfig`` fields that must be non-empty for this importer (``"root"``, ``"annotations"``).
+        summary: one line for help strings.
+    """
+
+    name: str
+    load: Callable[..., list[ImportItem]]
+    needs: tuple[str, ...] = ()
+    summary: str = ""
+
+
+_IMPORTERS: dict[str, ImporterSpec] = {}
+# Built-in importers: name -> module that registers it on import (they import this package, so not at the top).
+_BUILTIN = {"karpathy": "mcad_cache.data.importers.karpathy", "folder": "mcad_cache.data.importers.folder"}
+
+
+def register_importer(
+    name: str, *, needs: tuple[str, ...] = (), summary: str = ""
+) -> Callable[[Callable[..., list[ImportItem]]], Callable[..., list[ImportItem]]]:
+    """Decorator: register ``load(*, root, annotations, seed, report) -> list[ImportItem]`` as importer ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered by another function.
+    """
+
+    def deco(fn: Callable[..., list[ImportItem]]) -> Callable[..., list[ImportItem]]:
+        if name in _IMPORTERS and _IMPORTERS[name].load is not fn:
+            raise ValueError(f"importer {name!r} is already registered")
+        _IMPORTERS[name] = ImporterSpec(name=name, load=fn, needs=needs, summary=summary)
+        return fn
+
+    return deco
+
+
+def list_importers() -> list[str]:
+    """Importer names ``get_importer`` accepts (built-in ones and those registered so far), sorted."""
+    return sorted(set(_IMPORTERS) | set(_BUILTIN))
+
+
+def get_importer(name: str) -> ImporterSpec:
+    """The registered importer ``name``.
+
+    Raises:
+        UnknownImporterError: no importer has that name; the message lists ``list_importers()``.
+    """
+    if name not in _IMPORTERS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _IMPORTERS:
+        raise UnknownImporterError(
+            f"unknown --source {name!r}; known importers: {', '.join(list_importers())}"
+            + ("" if name != "openclipart" else " (openclipart is the demo's: import mcad_cache.demo first)")
+        )
+    return _IMPORTERS[name]

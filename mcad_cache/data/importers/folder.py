@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mcad_cache.data.captions import clean_caption
-from mcad_cache.data.importers import ImportItem, ImportReport, make_key
+from mcad_cache.data.importers import ImportItem, ImportReport, make_key, register_importer
 from mcad_cache.errors import DataSourceError
 
 IMAGE_FIELDS = ("image", "file", "filename", "path")
@@ -86,3 +86,9 @@ def load_folder(annotations: str | Path, *, root: str | Path, report: ImportRepo
             continue
         items.append(item)
     return items
+
+
+@register_importer("folder", needs=("annotations", "root"), summary="captions .jsonl/.csv + image folder")
+def import_folder(*, root: str, annotations: str, seed: int, report: ImportReport) -> list[ImportItem]:
+    """Registry entry: :func:`load_folder` (``seed`` unused: the records name the splits)."""
+    return load_folder(annotations, root=root, report=report)

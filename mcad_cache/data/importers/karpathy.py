@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mcad_cache.data.captions import clean_caption
-from mcad_cache.data.importers import ImportItem, ImportReport, make_key
+from mcad_cache.data.importers import ImportItem, ImportReport, make_key, register_importer
 from mcad_cache.errors import DataSourceError
 
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -60,3 +60,9 @@ def load_karpathy(annotations: str | Path, *, root: str | Path, report: ImportRe
         path = root / str(img.get("filepath", "")) / filename
         items.append(ImportItem(key=key, split=split, captions=captions, image_path=path, meta=meta))
     return items
+
+
+@register_importer("karpathy", needs=("annotations", "root"), summary="Karpathy-split dataset_*.json + image root")
+def import_karpathy(*, root: str, annotations: str, seed: int, report: ImportReport) -> list[ImportItem]:
+    """Registry entry: :func:`load_karpathy` (``seed`` unused: the JSON names the splits)."""
+    return load_karpathy(annotations, root=root, report=report)

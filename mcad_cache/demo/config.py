@@ -1,0 +1,65 @@
+"""The demo app's run configs: ``DemoConfig`` (``mcad-cache demo run``) and ``TeachersConfig`` (``mcad-cache demo
+teachers``). Loaded with ``mcad_cache.config.load_config`` like every other run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcad_cache.constants import DEFAULT_K
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    train: tuple[str, ...] = (".work/shards/train",)  # training shards (paths, globs, or a folder of shard-*.tar)
+    val: tuple[str, ...] = (".work/shards/val",)  # validation shards: recall in the report, choice of dual mode
+    out: str = ".work/teachers"  # writes clip/ and albef/ (+ teachers.json); reused when the fingerprint matches
+    max_train_images: int = 2000  # first N usable training images (0 = all)
+    max_val_images: int = 500  # first N usable validation images (0 = all)
+    image_size_px: int = 160  # square input of both teachers (EfficientNet-Lite0 feature map 5x5 at 160)
+    embed_dim: int = 256  # ITC embedding width D of both teachers
+    dual_mode: str = "auto"  # auto (the best val RSUM of the measured candidates) | bridge | tuned | bridge+tuned
+    prompt_template: str = "a picture of a {}."  # ImageNet class prompt of the zero-shot bridge
+    dual_steps: int = 400  # contrastive steps of the dual-stream projections (cached features)
+    dual_batch_size: int = 256  # pairs per dual-stream step
+    dual_lr: float = 1e-3  # peak AdamW learning rate of the dual-stream projections
+    albef_steps: int = 300  # ITC + ITM steps of the single-stream teacher (cached tower outputs)
+    albef_batch_size: int = 64  # pairs per single-stream step (ITM adds 2 hard negatives per pair)
+    albef_lr: float = 1e-3  # peak AdamW learning rate of the freshly initialised single-stream parts
+    albef_lr_pretrained: float = 1e-4  # peak learning rate of the fusion layers' MiniLM-initialised weights
+    albef_easy_fraction: float = 0.5  # first fraction of steps with uniform ITM negatives, then ALBEF's hard ones
+    fusion_layers: int = 1  # ALBEF fusion layers after MiniLM's 6 text layers (initialised from its last ones)
+    context_length: int = 16  # tokenizer length of both teachers ([CLS] and [SEP] included; ~99% of captions fit)
+    k_test: int = 16  # val ITM re-ranking depth of the single-stream teacher
+    batch_size: int = 64  # image batch of the feature pass
+    workers: int = 1  # DataLoader worker processes that decode images
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seeds heads init, batches, hard-negative draws
+    force: bool = False  # retrain even when teachers with the same fingerprint exist
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    work: str = ".work/demo"  # folder for shards, teachers, caches, runs, eval results and report.md
+    openclipart_root: str = ".work/openclipart"  # extracted Debian packages (fetched with apt-get when absent)
+    max_samples: int = 1600  # first N usable openclipart images (0 = all 8,071); 1,600 fits the 20-minute CPU target
+    samples_per_shard: int = 500  # samples per shard tar
+    image_size_px: int = 256  # longest side of the re-encoded images in the shards
+    k: int = DEFAULT_K  # top-k candidates cached in both caches (MCAD default 11)
+    distill_k: int = 3  # k' <= k candidates the students use (each candidate image is encoded: CPU time grows with k')
+    build_batch_size: int = 64  # teacher batch size in build and eval
+    fused_dtype: str = "fp16"  # fused-feature storage in the single-stream cache
+    student: str = ""  # student config name / JSON; "" = packaged pretrained towers (docs/demo.md), sized below
+    student_image_size: int = 64  # "" student: EfficientNet-Lite0 input side in pixels (the teachers use 160)
+    student_text_layers: int = 2  # "" student: first N of all-MiniLM-L6-v2's 6 layers (the teachers use 6 + fusion)
+    teachers: dict[str, Any] = field(default_factory=dict)  # TeachersConfig overrides (pipelines/prepare_teachers)
+    presets: tuple[str, ...] = ("mcad", "contrastive")  # students trained from the same init, same steps
+    steps: int = 100  # optimiser steps per student
+    batch_size: int = 32  # pairs per step
+    lr: float = 3e-4  # peak AdamW learning rate
+    warmup_steps: int = 20  # linear warmup steps
+    workers: int = 2  # DataLoader worker processes
+    seed: int = 0  # one seed for data split, teachers, student init and shuffling
+    seeds: tuple[int, ...] = ()  # seed study: also train each preset with these student seeds; RSUM mean and spread
+    threads: int = 1  # torch CPU threads in build, distill, eval (0 = torch's default; 1 beside 2 decode workers)
+    loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset
