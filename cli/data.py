@@ -9,14 +9,14 @@ from rich.table import Table
 
 from mcad_cache.cli.app import call_pipeline, console, data_app, progress, setup_logging
 from mcad_cache.config import ImportConfig, load_config
-from mcad_cache.data.importers import list_importers
-from mcad_cache.data.skips import SKIP_REASONS
 from mcad_cache.demo import openclipart  # noqa: F401  (the demo app's importer: registers --source openclipart)
+from mcad_cache.pipelines import data_import
+from mcad_cache.pipelines import verify as verify_pipeline
 
 
 @data_app.command("import")
 def import_(
-    source: Annotated[str, typer.Option(help=f"importer: {' | '.join(list_importers())}")] = None,
+    source: Annotated[str, typer.Option(help=f"importer: {' | '.join(data_import.list_importers())}")] = None,
     out: Annotated[str, typer.Option(help="output folder (OUT/<split>/shard-*.tar, index.json, report)")] = None,
     root: Annotated[str, typer.Option(help="openclipart data folder (fetched if absent) or image root")] = None,
     annotations: Annotated[str, typer.Option(help="karpathy dataset_*.json or folder captions .jsonl/.csv")] = None,
@@ -30,8 +30,6 @@ def import_(
 ) -> None:
     """Import captioned images into WebDataset shards with an index and a report of what was dropped and why."""
     setup_logging(verbose)
-    from mcad_cache.pipelines import data_import
-
     cfg = call_pipeline(
         load_config,
         ImportConfig,
@@ -69,8 +67,6 @@ def verify(
     Exits 1 when anything is wrong.
     """
     setup_logging(verbose)
-    from mcad_cache.pipelines import verify as verify_pipeline
-
     report = call_pipeline(verify_pipeline.run, shards, json_out=json_out, progress=progress)
     d = report.to_dict()
     table = Table(title=f"verify: {d['num_shards']} shard(s), {d['num_samples']} samples, {d['time_s']} s")
@@ -78,7 +74,7 @@ def verify(
     table.add_column("count", justify="right")
     table.add_row("usable samples", str(d["num_ok"]))
     table.add_row("captions", str(d["num_captions"]))
-    for reason in SKIP_REASONS:
+    for reason in verify_pipeline.SKIP_REASONS:
         n = d["counts"][reason]
         table.add_row(f"[red]{reason}[/red]" if n else reason, str(n))
     n = d["unrecognised_members"]

@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 from mcad_cache.constants import DEFAULT_K
 from mcad_cache.errors import ConfigError
+from mcad_cache.preflight import check_input_file
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ImportConfig:
-    source: str = "openclipart"  # importer: openclipart | karpathy | folder
+    source: str = "openclipart"  # importer registry name (data.importers.list_importers(); openclipart: the demo)
     out: str = ".work/shards"  # output folder for shards, index.json and the import report
     root: str = ""  # openclipart: extracted Debian packages folder; karpathy: image root; folder: image folder
     annotations: str = ""  # karpathy: dataset_*.json; folder: captions .jsonl or .csv
@@ -36,7 +37,7 @@ class ImportConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    teacher: str = "clip"  # teacher registry name: clip | albef | blip
+    teacher: str = "clip"  # teacher registry name (mcad_cache.teachers.list_teachers())
     data: tuple[str, ...] = ()  # WebDataset shards (paths, globs or brace patterns)
     out: str = ".work/cache"  # Zarr v3 store to write (resumed if it exists with the same fingerprint)
     model: str = ""  # teacher model: open_clip name or JSON config, ALBEF config JSON, BLIP hub name or path
@@ -90,7 +91,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     model: str = ""  # a run directory / student checkpoint, a cache built on the test shards, or the teacher's model
-    teacher: str = ""  # evaluate a teacher: clip | albef | blip (then `model` / `pretrained` are its arguments)
+    teacher: str = ""  # evaluate a teacher: a list_teachers() name (then `model` / `pretrained` are its arguments)
     pretrained: str = ""  # teacher weights (open_clip tag or file, ALBEF .pth, BLIP folder); "" = the teacher's default
     data: tuple[str, ...] = ()  # test shards
     out: str = ""  # results JSON path ("" = <run dir>/eval.json)
@@ -121,13 +122,13 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
     """Resolve a config: dataclass defaults, then the JSON file at ``path``, then ``overrides`` (``None`` = unset).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        InputPathError: ``path`` does not exist or is not a readable file (a ``FileNotFoundError``).
         ConfigError: the file is not JSON, or it or the overrides name a field the dataclass does not have, or give
             a value of the wrong type.
     """
     values: dict[str, Any] = {}
     if path:
-        text = Path(path).read_text()
+        text = check_input_file(path, option="--config").read_text()
         try:
             values.update(json.loads(text))
         except json.JSONDecodeError as err:

@@ -17,7 +17,7 @@ from typing import Any
 
 from mcad_cache.config import ImportConfig, config_to_dict
 from mcad_cache.data.decode import DecodePolicy
-from mcad_cache.data.importers import ImportReport, first_n, get_importer, write_index, write_items
+from mcad_cache.data.importers import ImportReport, first_n, get_importer, list_importers, write_index, write_items
 from mcad_cache.errors import ConfigError
 from mcad_cache.preflight import check_input_file, check_writable_dir
 from mcad_cache.progress import no_progress
@@ -25,6 +25,7 @@ from mcad_cache.progress import no_progress
 _logger = logging.getLogger(__name__)
 
 REPORT_FILE = "import_report.json"
+__all__ = ["REPORT_FILE", "list_importers", "run"]  # list_importers: for the CLI's --source help
 
 
 def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from mcad_cache.data.decode import DecodePolicy
+from mcad_cache.data.skips import SKIP_REASONS
 from mcad_cache.data.verify import VerifyReport, verify_shards
 from mcad_cache.data.webdataset import expand_shards
 from mcad_cache.errors import InputPathError
 from mcad_cache.progress import no_progress
+
+__all__ = ["SKIP_REASONS", "run"]  # SKIP_REASONS: the rows of the CLI's report table
 
 
 def run(

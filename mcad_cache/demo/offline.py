@@ -318,7 +318,7 @@ class AlbefHeads(nn.Module):
 
     def __init__(self, cfg) -> None:  # noqa: ANN001 - albef.AlbefConfig, imported lazily
         super().__init__()
-        from mcad_cache.teachers.albef import AlbefTextEncoder
+        from mcad_cache.teachers.albef_model import AlbefTextEncoder
 
         self.cfg = cfg
         self.text_encoder = AlbefTextEncoder(cfg)

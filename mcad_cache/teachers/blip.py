@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mcad_cache.errors import CheckpointError
+from mcad_cache.errors import CheckpointError, InputPathError
 from mcad_cache.hashing import vocab_sha256
 from mcad_cache.teachers import register_teacher
 from mcad_cache.teachers.base import (
@@ -302,6 +302,9 @@ def create_blip_teacher(
         source = f"config:{spec}" if not isinstance(spec, Mapping) else "config:dict"
     else:
         src = str(pretrained if pretrained is not None else spec if spec is not None else DEFAULT_HUB_MODEL)
+        looks_local = isinstance(pretrained, os.PathLike) or src.startswith(("/", "./", "../", "~"))
+        if looks_local and not Path(src).expanduser().exists():
+            raise InputPathError(f"--pretrained {src}: no such BLIP model folder; check the path")
         try:
             net = BlipForImageTextRetrieval.from_pretrained(src, local_files_only=local_files_only)
         except (OSError, ValueError, RuntimeError) as err:

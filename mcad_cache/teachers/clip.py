@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mcad_cache.errors import CheckpointError, UnknownModelError
+from mcad_cache.errors import CheckpointError, InputPathError, UnknownModelError
 from mcad_cache.hashing import vocab_sha256
 from mcad_cache.teachers import register_teacher
 from mcad_cache.teachers.base import BaseTeacher, list_configs, resolve_config, resolve_device
@@ -270,7 +270,7 @@ def create_clip_teacher(
         elif json_cfg is None and open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained):
             tag = pretrained
         elif str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise FileNotFoundError(f"open_clip checkpoint file not found: {pretrained}")
+            raise InputPathError(f"--pretrained {pretrained}: open_clip checkpoint file not found; check the path")
         else:
             tags = open_clip.list_pretrained_tags_by_model(model_name.replace("/", "-"))
             raise UnknownModelError(
