@@ -1,0 +1,218 @@
+"""The study: paired statistics against scipy / known answers, resumable runs, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mcad_cache.metrics import METRIC_KEYS
+from mcad_cache.study import (
+    RunSpec,
+    StudyMismatchError,
+    StudyPlan,
+    holm,
+    minimal_detectable_delta,
+    paired_delta,
+    pairs_needed,
+    run_study,
+    summarise_study,
+    write_study,
+)
+from mcad_cache.study.report import study_markdown
+
+# The seed study of the old docs/demo.md (RSUM of seeds 0, 1, 2).
+MCAD = [80.7, 82.3, 78.6]
+CONTRASTIVE = [80.1, 76.7, 79.8]
+
+
+def test_paired_delta_matches_t_formula_and_scipy():
+    d = paired_delta(MCAD, CONTRASTIVE, a="mcad", b="contrastive")
+    diff = np.subtract(MCAD, CONTRASTIVE)
+    sd = diff.std(ddof=1)
+    half = stats.t.ppf(0.975, df=2) * sd / math.sqrt(3)  # the textbook t-interval, from the t quantile
+    assert d.num_pairs == 3
+    assert d.mean_delta == pytest.approx(5 / 3)
+    assert d.std_delta == pytest.approx(sd)
+    assert (d.ci_low, d.ci_high) == pytest.approx((5 / 3 - half, 5 / 3 + half))
+    assert d.t_p == pytest.approx(stats.ttest_1samp(diff, 0.0).pvalue)
+    assert d.t_p == pytest.approx(0.4987, abs=1e-4)  # the "paired p ≈ 0.5" the issue quotes
+    # Wilcoxon: d = 0.6, 5.6, -1.2 have |d| ranks 1, 3, 2, so W+ = 4; of the 8 equally likely sign patterns,
+    # 3 give W+ >= 4 and 3 give W+ <= 2: exact two-sided p = 6/8
+    assert d.wilcoxon_p == pytest.approx(0.75)
+
+
+def test_wilcoxon_exact_known_answer_and_all_zero():
+    # All five differences positive: P(W+ = 15) = 1/32 per side, two-sided 2/32.
+    d = paired_delta([1, 2, 3, 4, 5], [0, 0, 0, 0, 0])
+    assert d.wilcoxon_p == pytest.approx(2 / 32)
+    same = paired_delta([3.0, 4.0], [3.0, 4.0])
+    assert same.wilcoxon_p == 1.0 and same.mean_delta == 0.0 and same.mde == 0.0
+    assert math.isnan(paired_delta([1.0], [0.0]).ci_low)
+
+
+def test_paired_delta_rejects_bad_input():
+    with pytest.raises(ValueError, match="equal"):
+        paired_delta([1, 2], [1])
+    with pytest.raises(ValueError, match="finite"):
+        paired_delta([1, float("nan")], [1, 2])
+
+
+def test_holm_known_answer():
+    ds = [paired_delta([1, 2], [0, 0], b=str(i)) for i in range(3)]
+    ds = [d.__class__(**{**d.to_dict(), "wilcoxon_p": p}) for d, p in zip(ds, [0.01, 0.04, 0.03], strict=True)]
+    out = holm(ds)
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
+    assert [d.wilcoxon_p_holm for d in out] == pytest.approx([0.03, 0.06, 0.06])
+    assert [d.b for d in out] == ["0", "1", "2"]
+
+
+def _power_noncentral_t(delta: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Two-sided paired t-test power from scipy's noncentral t (the reference for statsmodels' solver)."""
+    df, nc = n - 1, delta / sd * math.sqrt(n)
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    far_tail = float(np.nan_to_num(stats.nct.cdf(-crit, df, nc)))  # NaN in scipy when it underflows (large nc)
+    return float(stats.nct.sf(crit, df, nc)) + far_tail
+
+
+@pytest.mark.parametrize(("sd", "n"), [(3.52, 3), (2.0, 10), (5.0, 25)])
+def test_mde_has_80_percent_power(sd, n):
+    mde = minimal_detectable_delta(sd, n)
+    assert _power_noncentral_t(mde, sd, n) == pytest.approx(0.8, abs=1e-6)
+    assert _power_noncentral_t(0.9 * mde, sd, n) < 0.8
+
+
+def test_pairs_needed_reaches_target():
+    sd = paired_delta(MCAD, CONTRASTIVE).std_delta
+    n = pairs_needed(sd, 3.0)
+    assert n == 13  # the issue: "about 12 paired seeds" at this spread
+    assert minimal_detectable_delta(sd, n) <= 3.0 < minimal_detectable_delta(sd, n - 1)
+    with pytest.raises(ValueError):
+        pairs_needed(sd, 0.0)
+    # fewer pairs as the spread shrinks, also where statsmodels' noncentral t gives NaN (large effects)
+    needed = [pairs_needed(s, 3.0) for s in np.linspace(4.0, 0.05, 80)]
+    assert needed == sorted(needed, reverse=True) and needed[-1] == 2
+    assert pairs_needed(0.55, 3.0) == 3
+    assert _power_noncentral_t(3.0, 0.55, 3) >= 0.8 > _power_noncentral_t(3.0, 0.55, 2)
+
+
+# ---- runner -----------------------------------------------------------------------------------------------------
+
+GAIN = {"contrastive": 0.0, "clip-kd": 1.0, "clip-kd-feat": 1.5, "single-topk": 0.5, "mcad": 2.0}
+
+
+def _fake_metrics(preset: str, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)  # the seed's own "difficulty", shared by every preset: a paired design
+    base = rng.normal(10.0, 3.0, size=6)
+    noise = np.random.default_rng(1000 * seed + len(preset)).normal(0.0, 0.2, size=6)
+    values = base + GAIN[preset] / 6 + noise
+    out = dict(zip(METRIC_KEYS[:-1], values.tolist(), strict=True))
+    out["rsum"] = float(values.sum())
+    return out
+
+
+class FakeRun:
+    def __init__(self, fail_at: int | None = None):
+        self.calls: list[tuple[str, int]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, spec: RunSpec) -> dict[str, float]:
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise RuntimeError("killed")
+        self.calls.append((spec.preset, spec.seed))
+        assert spec.run_dir.is_dir()
+        (spec.run_dir / "student.txt").write_text(spec.preset)
+        return {**_fake_metrics(spec.preset, spec.seed), "final_logit_scale": 20.0}
+
+
+def test_resume_reuses_finished_runs_and_more_seeds_adds_only_new(tmp_path):
+    context = {"caches": ["a", "b"], "steps": 10}
+    first = FakeRun()
+    plan2 = StudyPlan(seeds=(0, 1))
+    res2 = run_study(plan2, first, out=tmp_path, context=context)
+    assert len(first.calls) == 10 and not any(r.reused for r in res2)
+    assert first.calls[:5] == [(p, 0) for p in plan2.presets]  # seed by seed: complete pairs first
+
+    second = FakeRun()
+    res3 = run_study(StudyPlan(seeds=(0, 1, 2)), second, out=tmp_path, context=context)
+    assert second.calls == [(p, 2) for p in plan2.presets]
+    reused = {(r.preset, r.seed): r for r in res3 if r.reused}
+    assert len(reused) == 10
+    for r in res2:
+        assert reused[(r.preset, r.seed)].metrics == pytest.approx(r.metrics)
+        assert reused[(r.preset, r.seed)].wall_s == pytest.approx(r.wall_s)
+    assert res3[0].extra == {"final_logit_scale": 20.0}
+
+
+def test_interrupted_study_resumes_after_last_finished_run(tmp_path):
+    context = {"steps": 10}
+    with pytest.raises(RuntimeError, match="killed"):
+        run_study(StudyPlan(seeds=(0, 1)), FakeRun(fail_at=7), out=tmp_path, context=context)
+    again = FakeRun()
+    results = run_study(StudyPlan(seeds=(0, 1)), again, out=tmp_path, context=context)
+    assert len(again.calls) == 3 and sum(r.reused for r in results) == 7
+
+
+def test_other_context_is_refused_with_a_diff(tmp_path):
+    run_study(StudyPlan(seeds=(0,)), FakeRun(), out=tmp_path, context={"steps": 10})
+    with pytest.raises(StudyMismatchError, match="steps"):
+        run_study(StudyPlan(seeds=(0,)), FakeRun(), out=tmp_path, context={"steps": 20})
+
+
+def test_plan_validation():
+    from mcad_cache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="target"):
+        StudyPlan(presets=("contrastive", "clip-kd"))
+    with pytest.raises(ConfigError, match="duplicate"):
+        StudyPlan(seeds=(0, 0))
+
+
+def test_run_function_must_return_every_metric(tmp_path):
+    with pytest.raises(ValueError, match="rsum"):
+        run_study(StudyPlan(seeds=(0,)), lambda spec: {"i2t_R@1": 1.0}, out=tmp_path, context={})
+
+
+# ---- summary and report -----------------------------------------------------------------------------------------
+
+
+def test_summary_and_report(tmp_path):
+    plan = StudyPlan(seeds=tuple(range(6)))
+    results = run_study(plan, FakeRun(), out=tmp_path, context={})
+    summary = summarise_study(plan, results)
+    comps = {c["b"]: c for c in summary["comparisons"]}
+    assert set(comps) == {"contrastive", "clip-kd", "clip-kd-feat", "single-topk"}
+    m = [_fake_metrics("mcad", s)["rsum"] for s in range(6)]
+    c = [_fake_metrics("contrastive", s)["rsum"] for s in range(6)]
+    assert comps["contrastive"]["mean_delta"] == pytest.approx(np.mean(np.subtract(m, c)))
+    assert summary["presets"]["mcad"]["metrics"]["rsum"]["mean"] == pytest.approx(np.mean(m))
+    assert summary["presets"]["mcad"]["metrics"]["rsum"]["std"] == pytest.approx(np.std(m, ddof=1))
+    # Holm over the 4 comparisons, against statsmodels' own call on the raw p-values
+    from statsmodels.stats.multitest import multipletests
+
+    raw = [x["wilcoxon_p"] for x in summary["comparisons"]]
+    assert [x["wilcoxon_p_holm"] for x in summary["comparisons"]] == pytest.approx(multipletests(raw, method="holm")[1])
+    # best single-teacher preset by mean RSUM: clip-kd-feat has the largest built-in gain
+    assert summary["best_single"] == "clip-kd-feat"
+    assert summary["headline"][0].startswith("mcad vs contrastive: Δ RSUM = +")
+    assert "best single-teacher" in summary["headline"][1] and "clip-kd-feat" in summary["headline"][1]
+    assert summary["mde"]["observed"] == pytest.approx(comps["contrastive"]["mde"])
+
+    paths = write_study(tmp_path / "report", summary)
+    md = (tmp_path / "report" / "study.md").read_text()
+    assert md.splitlines()[2] == f"- {summary['headline'][0]}"
+    assert json.loads((tmp_path / "report" / "study.json").read_text())["best_single"] == "clip-kd-feat"
+    for key in ("forest", "paired"):
+        assert (tmp_path / "report" / paths[key].rsplit("/", 1)[-1]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mde_sentence_says_what_would_reach_the_target(tmp_path):
+    plan = StudyPlan(presets=("contrastive", "mcad"), seeds=(0, 1, 2), single_teacher=())
+    results = run_study(plan, FakeRun(), out=tmp_path, context={})
+    summary = summarise_study(plan, results, target_mde=0.01)
+    assert not summary["mde"]["met"]
+    assert f"about {summary['mde']['seeds_needed']} paired seeds" in study_markdown(summary)
+    assert summary["headline"][1] == "mcad vs a single-teacher preset: none in this study"
