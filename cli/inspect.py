@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mcad_cache.cache.store import check_cache, describe_cache, open_cache
+from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.cli.app import app, call_pipeline, console
 
 

@@ -19,6 +19,7 @@ import zarr
 from fake_teacher import FakeTeacher
 from PIL import Image
 
+from mcad_cache.build.coordination import BuildLock as _BuildLock
 from mcad_cache.cache import check_cache, chunked_topk, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.data.transforms import make_image_transform
@@ -30,7 +31,7 @@ from mcad_cache.errors import (
     DataSourceError,
     NonFiniteError,
 )
-from mcad_cache.pipelines.build_cache import _BuildLock, run
+from mcad_cache.pipelines.build_cache import run
 
 TESTS = Path(__file__).resolve().parent
 # Subprocess builds: one intra-op thread (tiny models; on a busy shared machine OpenMP threads spin against each other).
@@ -316,7 +317,7 @@ KILLER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import fake_teacher  # registers "fake"
     from mcad_cache.config import BuildConfig
-    from mcad_cache.cache.store import CacheWriter
+    from mcad_cache.cache.writer import CacheWriter
     from mcad_cache.pipelines.build_cache import run
 
     kill_after, mode = int(sys.argv[1]), sys.argv[2]

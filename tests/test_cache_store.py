@@ -10,8 +10,8 @@ import torch
 import zarr
 
 from mcad_cache.cache import CacheLayout, CacheWriter, check_cache, chunked_topk, describe_cache, open_cache
+from mcad_cache.cache.codecs import dequantize_int8, quantize_int8
 from mcad_cache.cache.schema import MANIFEST_ATTR
-from mcad_cache.cache.store import dequantize_int8, quantize_int8
 from mcad_cache.cache.topk import positives_i2t, positives_t2i
 from mcad_cache.errors import (
     CacheIncompleteError,

@@ -10,13 +10,13 @@ without defining it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from mcad_cache.hashing import file_sha256  # re-exported for older importers; the one home is mcad_cache.hashing
 
 _MISSING = object()
 
@@ -31,15 +31,6 @@ def code_version() -> str:
     from mcad_cache import __version__
 
     return __version__
-
-
-def file_sha256(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_jsonable(value: Any) -> Any:

@@ -1,0 +1,356 @@
+"""The cache build, pass by pass: :func:`build_cache` runs one teacher over WebDataset shards into a resumable Zarr
+v3 cache (``docs/cache-format.md`` describes the result).
+
+Passes, one module each: 0 rows (``layout.py``), 1 embeddings (``embeddings.py``), 2 top-k (``candidates.py``),
+3 ITM / fused features for single-stream teachers (``itm.py``).
+
+Resume: work is committed per unit of ``rows_per_chunk`` rows (one Zarr chunk, or several whole chunks of the
+finer-chunked fused arrays, written by one writer) followed by a done marker. Rerunning the same build skips
+committed units and recomputes the rest; batches never cross unit borders and are formed in row order, so a resumed
+build stores the same values as an uninterrupted one. The manifest's ``complete`` flag is written last.
+``rank`` / ``world_size``: unit u of every stage belongs to rank u % world_size; ranks wait for each other's done
+markers between passes (``coordination.py``) and rank 0 writes the final manifest. A ``flock`` on ``<out>.lock``
+(``<out>.rank<r>.lock``) keeps a second process from writing the same units.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcad_cache.build.candidates import pass_topk
+from mcad_cache.build.coordination import BuildLock, open_existing, wait_done, wait_for_layout
+from mcad_cache.build.embeddings import pass_image_embeddings, pass_text_embeddings
+from mcad_cache.build.fingerprint import build_fingerprint, supports_itm
+from mcad_cache.build.itm import pass_itm_images, pass_itm_texts, scratch_dir
+from mcad_cache.build.layout import MAX_SKIP_EXAMPLES, Rows, create_cache, rows_from_store, scan_rows
+from mcad_cache.build.units import ImageSource
+from mcad_cache.cache.manifest import utc_now
+from mcad_cache.cache.reader import CacheReader, open_cache
+from mcad_cache.cache.writer import STAGES, CacheWriter
+from mcad_cache.config import BuildConfig
+from mcad_cache.data import SKIP_REASONS, DecodePolicy, expand_shards
+from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.errors import CacheSchemaError, DataSourceError
+from mcad_cache.hashing import file_sha256
+from mcad_cache.progress import ProgressFn, no_progress
+from mcad_cache.teachers.base import Teacher
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    """What a build did."""
+
+    path: str
+    status: str  # "built" | "resumed" | "complete" (nothing to do) | "rank-done" (a rank > 0 finished its units)
+    num_images: int = 0
+    num_texts: int = 0
+    num_valid_images: int = 0
+    num_valid_texts: int = 0
+    skip_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_shards(data: tuple[str, ...] | list[str]) -> list[str]:
+    """The shard paths of ``--data`` patterns (sorted, see ``mcad_cache.data.expand_shards``).
+
+    Raises:
+        DataSourceError: a pattern matches nothing.
+    """
+    try:
+        return expand_shards(data)
+    except ValueError as err:
+        raise DataSourceError(str(err)) from err
+
+
+def open_candidate_source(path: str, *, k: int) -> CacheReader | None:
+    """The complete cache at ``path`` whose candidates the build takes (None for ``""``: own ITC).
+
+    Raises:
+        CacheNotFoundError / CacheIncompleteError: no complete cache there.
+        CacheSchemaError: it holds fewer than ``k`` candidates.
+    """
+    if not path:
+        return None
+    src = open_cache(path).require(complete=True)
+    if k > src.k:
+        raise CacheSchemaError(f"candidate source {path} holds k={src.k} candidates; cannot build k={k}")
+    return src
+
+
+class _Timer:
+    """Seconds per stage, summed over repeats."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, t0: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def build_cache(
+    config: BuildConfig,
+    *,
+    teacher: Teacher,
+    shards: list[str],
+    device: torch.device,
+    precision: str,
+    progress: ProgressFn = no_progress,
+) -> BuildResult:
+    """Build (or resume, or confirm) the cache ``config.out`` of ``teacher`` over ``shards``.
+
+    Args:
+        config: the build config, already checked (``check_config``); every field is used or recorded.
+        teacher: the teacher, on ``device``, in eval mode.
+        shards: shard paths in row order (``resolve_shards(config.data)``).
+        device: the teacher's device; precision: the resolved precision (``mcad_cache.runtime.resolve_precision``).
+        progress: ``progress(iterable, description, total)`` wrapper for progress bars.
+    Returns:
+        A :class:`BuildResult` (``status`` "built", "resumed", "complete" when there was nothing to do, or
+        "rank-done" for a rank > 0).
+    Raises:
+        TypeError: a single-stream teacher without the ``SingleStreamTeacher`` abilities.
+        CacheMismatchError: a cache built with another fingerprint exists at ``config.out`` (the message is a diff;
+            pass ``overwrite`` to replace it), or ``out`` holds something that is not a cache.
+        BuildLockedError: another build process writes ``config.out``.
+        DataSourceError: no usable sample in the shards.
+        DataError: ``strict`` and a bad sample.
+        NonFiniteError: a teacher output that is not finite or overflows its storage dtype (names array and key).
+    """
+    t_start = time.perf_counter()
+    timer = _Timer()
+    if teacher.kind == "single" and not supports_itm(teacher):
+        raise TypeError(f"single-stream teacher {config.teacher!r} lacks image_tokens / itm_from_tokens")
+    source = open_candidate_source(config.candidate_source, k=config.k)
+    policy = DecodePolicy()
+    t0 = time.perf_counter()
+    hashes = [file_sha256(s) for s in progress(shards, "hashing shards", len(shards))]
+    timer.add("hash", t0)
+    fingerprint = build_fingerprint(
+        teacher,
+        config=config,
+        shards=shards,
+        hashes=hashes,
+        policy=policy,
+        precision=precision,
+        device=device,
+        source_fingerprint=source.fingerprint if source is not None else None,
+    )
+    out = Path(config.out)
+    rank, world = config.rank, config.world_size
+    with BuildLock(out, rank=rank, world_size=world):
+        if rank == 0:
+            writer = open_existing(out, fingerprint, overwrite=config.overwrite)
+        else:
+            writer = wait_for_layout(out, fingerprint, overwrite=config.overwrite)
+        if writer is not None and writer.manifest.get("complete"):
+            _logger.info("cache %s is complete and matches this build: nothing to do", out)
+            seconds = time.perf_counter() - t_start
+            return BuildResult(path=str(out), status="complete", seconds=seconds, **_counts(writer.manifest))
+        status = "resumed"
+        t0 = time.perf_counter()
+        if writer is None:
+            status = "built"
+            rows = scan_rows(shards, policy=policy, strict=config.strict, progress=progress)
+            if not rows.keys:
+                counts = {r: c for r, c in rows.report.counts.items() if c} if rows.report is not None else {}
+                raise DataSourceError(
+                    f"no usable sample in {len(shards)} shard(s) of {list(config.data)}; skips: {counts}"
+                )
+            writer = create_cache(
+                out,
+                teacher,
+                config=config,
+                shards=shards,
+                hashes=hashes,
+                rows=rows,
+                fingerprint=fingerprint,
+                device=device,
+                precision=precision,
+            )
+        else:
+            _logger.info("resuming cache %s (rank %d of %d)", out, rank, world)
+            rows = rows_from_store(writer, num_shards=len(shards))
+            if rank == 0:
+                writer.update_manifest({"resumed_at": [*writer.manifest.get("resumed_at", []), utc_now()]})
+        timer.add("pass0_layout", t0)
+        _run_passes(
+            writer,
+            teacher,
+            config=config,
+            shards=shards,
+            rows=rows,
+            policy=policy,
+            device=device,
+            precision=precision,
+            source=source,
+            progress=progress,
+            timer=timer,
+        )
+        if rank != 0:
+            _logger.info("rank %d of %d: all its units are committed; rank 0 finalizes", rank, world)
+            seconds = time.perf_counter() - t_start
+            return BuildResult(path=str(out), status="rank-done", seconds=seconds, stage_seconds=timer.seconds)
+        wait_done(writer, tuple(s for s in STAGES if writer.layout.kind == "single" or not s.startswith("itm")))
+        final = finalize(writer, rows=rows, shards=shards)
+    seconds = time.perf_counter() - t_start
+    _logger.info("cache %s %s in %.1f s: %s", out, status, seconds, final)
+    return BuildResult(path=str(out), status=status, seconds=seconds, stage_seconds=timer.seconds, **final)
+
+
+def _run_passes(
+    writer: CacheWriter,
+    teacher: Teacher,
+    *,
+    config: BuildConfig,
+    shards: list[str],
+    rows: Rows,
+    policy: DecodePolicy,
+    device: torch.device,
+    precision: str,
+    source: CacheReader | None,
+    progress: ProgressFn,
+    timer: _Timer,
+) -> None:
+    """Passes 1-3 for this rank's units, with the waits for other ranks between them."""
+    rank, world = config.rank, config.world_size
+    images = ImageSource(
+        shards=shards,
+        keys=rows.keys,
+        shard_of=rows.shard_of,
+        transform=make_image_transform(teacher.preprocess_cfg),
+        policy=policy,
+        workers=config.workers,
+        progress=progress,
+    )
+    t0 = time.perf_counter()
+    pass_image_embeddings(
+        writer,
+        teacher,
+        images=images,
+        batch_size=config.batch_size,
+        device=device,
+        precision=precision,
+        rank=rank,
+        world_size=world,
+    )
+    wait_done(writer, ("image_emb",))
+    timer.add("pass1_images", t0)
+    t0 = time.perf_counter()
+    pass_text_embeddings(
+        writer,
+        teacher,
+        batch_size=config.batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+        rank=rank,
+        world_size=world,
+    )
+    timer.add("pass1_texts", t0)
+    t0 = time.perf_counter()
+    wait_done(writer, ("text_emb",))
+    pass_topk(
+        writer,
+        source=source,
+        topk_backend=config.topk_backend,
+        chunk_size=config.chunk_size,
+        force_positive_candidates=config.force_positives,
+        device=device,
+        progress=progress,
+        rank=rank,
+        world_size=world,
+    )
+    wait_done(writer, ("topk_i2t", "topk_t2i"))
+    timer.add("pass2_topk", t0)
+    if writer.layout.kind == "single" and supports_itm(teacher):
+        t0 = time.perf_counter()
+        pass_itm_images(
+            writer,
+            teacher,
+            images=images,
+            batch_size=config.batch_size,
+            device=device,
+            precision=precision,
+            rank=rank,
+            world_size=world,
+        )
+        timer.add("pass3a_itm_images", t0)
+        t0 = time.perf_counter()
+        wait_done(writer, ("itm_scratch",))
+        pass_itm_texts(writer, progress=progress, rank=rank, world_size=world)
+        timer.add("pass3b_itm_texts", t0)
+
+
+def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
+    c = manifest.get("counts", {})
+    return {
+        "num_images": c.get("num_images", 0),
+        "num_texts": c.get("num_texts", 0),
+        "num_valid_images": c.get("num_valid_images", 0),
+        "num_valid_texts": c.get("num_valid_texts", 0),
+        "skip_counts": manifest.get("skips", {}).get("counts", {}),
+    }
+
+
+def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str, Any]:
+    """Rank 0, every unit committed: write counts, skips (pass 0 + pass 1) and per-shard counts into the manifest,
+    remove the scratch files, and set ``complete`` (the last write). Returns the counts of :class:`BuildResult`."""
+    g = writer.group
+    iv = np.asarray(g["image_valid"][:], dtype=bool)
+    tv = np.asarray(g["text_valid"][:], dtype=bool)
+    skip = np.asarray(g["image_skip"][:], dtype=np.int64)
+    manifest = writer.manifest
+    counts = dict(manifest.get("pass0_skips", {}).get("counts", {}))
+    examples = [list(e) for e in manifest.get("pass0_skips", {}).get("examples", [])]
+    shard_names = [os.path.basename(s) for s in shards]
+    for row in np.nonzero(skip)[0]:
+        reason = SKIP_REASONS[skip[row] - 1]
+        counts[reason] = counts.get(reason, 0) + 1
+        if len(examples) < MAX_SKIP_EXAMPLES:
+            examples.append([shard_names[rows.shard_of[row]], rows.keys[row], reason])
+    per_shard_valid = np.bincount(rows.shard_of[iv], minlength=len(shards)) if iv.size else np.zeros(len(shards))
+    per_shard_invalid = np.bincount(rows.shard_of[~iv], minlength=len(shards)) if iv.size else np.zeros(len(shards))
+    shard_entries = [
+        {**entry, "num_valid": int(per_shard_valid[i]), "num_skipped_pass1": int(per_shard_invalid[i])}
+        for i, entry in enumerate(manifest.get("shards", []))
+    ]
+    final = {
+        "num_images": int(iv.size),
+        "num_texts": int(tv.size),
+        "num_valid_images": int(iv.sum()),
+        "num_valid_texts": int(tv.sum()),
+        "skip_counts": counts,
+    }
+    updates = {
+        "counts": {k: v for k, v in final.items() if k != "skip_counts"},
+        "skips": {
+            "counts": counts,
+            "num_skipped": int(sum(counts.values())),
+            "examples": examples,
+            "policy": "pass-0 skips get no row; pass-1 image failures keep an invalid row",
+        },
+        "shards": shard_entries,
+    }
+    scratch = scratch_dir(writer)
+    if scratch.exists():  # every t2i unit is committed: the scratch files are no longer needed
+        shutil.rmtree(scratch)
+    writer.mark_complete(updates)  # complete=True is the last write
+    return final
+
+
+__all__ = ["BuildResult", "build_cache", "finalize", "open_candidate_source", "resolve_shards"]
