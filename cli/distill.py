@@ -63,16 +63,16 @@ def distill(
     _init_distributed()
     try:
         loss_overrides = json.loads(loss) if loss else None
-        cfg = call_pipeline(
-            load_config, DistillConfig, config, cache=cache or None, data=data or None, out=out, student=student,
-            preset=preset, k=k, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers, device=device, precision=precision,
-            seed=seed, shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, log_every=log_every,
-            resume=resume, loss=loss_overrides, threads=threads,
-        )  # fmt: skip
-        summary = call_pipeline(pipeline.run, cfg, progress=progress)
-    except (ValueError, FileNotFoundError) as err:
-        raise user_error(err) from err
+    except json.JSONDecodeError as err:
+        raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
+    cfg = call_pipeline(
+        load_config, DistillConfig, config, cache=cache or None, data=data or None, out=out, student=student,
+        preset=preset, k=k, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers, device=device, precision=precision,
+        seed=seed, shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, log_every=log_every,
+        resume=resume, loss=loss_overrides, threads=threads,
+    )  # fmt: skip
+    summary = call_pipeline(pipeline.run, cfg, progress=progress)
     table = Table(title=f"distill {cfg.preset} -> {summary['run_dir']}")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging, user_error
+from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from mcad_cache.config import EvalConfig, load_config
 
 _COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
@@ -59,15 +59,12 @@ def eval_(
     setup_logging(verbose)
     from mcad_cache.pipelines import evaluate as pipeline
 
-    try:
-        cfg = call_pipeline(
-            load_config, EvalConfig, config, model=model, teacher=teacher, pretrained=pretrained, data=data or None,
-            out=out, batch_size=batch_size, workers=workers, device=device, k_test=k_test, itm_score=itm_score,
-            chunk_size=chunk_size, precision=precision, threads=threads,
-        )  # fmt: skip
-        result = call_pipeline(pipeline.run, cfg, progress=progress)
-    except (ValueError, FileNotFoundError) as err:
-        raise user_error(err) from err
+    cfg = call_pipeline(
+        load_config, EvalConfig, config, model=model, teacher=teacher, pretrained=pretrained, data=data or None,
+        out=out, batch_size=batch_size, workers=workers, device=device, k_test=k_test, itm_score=itm_score,
+        chunk_size=chunk_size, precision=precision, threads=threads,
+    )  # fmt: skip
+    result = call_pipeline(pipeline.run, cfg, progress=progress)
     p = result["protocol"]
     cpi = p["captions_per_image"]
     console.print(
@@ -87,12 +84,9 @@ def compare(
     """One table of retrieval metrics for several runs / eval results."""
     from mcad_cache.pipelines import evaluate as pipeline
 
-    try:
-        rows = pipeline.load_results(results)
-        names = [Path(r).name.removesuffix(".json") or r for r in results]
-        if len(set(names)) < len(names):  # same folder names: show the full paths
-            names = list(results)
-        rows = [row | {"name": name} for row, name in zip(rows, names, strict=True)]
-    except (ValueError, FileNotFoundError) as err:
-        raise user_error(err) from err
+    rows = call_pipeline(pipeline.load_results, results)
+    names = [Path(r).name.removesuffix(".json") or r for r in results]
+    if len(set(names)) < len(names):  # same folder names: show the full paths
+        names = list(results)
+    rows = [row | {"name": name} for row, name in zip(rows, names, strict=True)]
     console.print(_metrics_table("compare", rows))

@@ -15,7 +15,6 @@ Every model is evaluated with its *own* ``preprocess_cfg`` and tokenizer; the ca
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,13 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mcad_cache.errors import CacheSchemaError, DataError
+from mcad_cache.errors import CacheSchemaError, ConfigError, DataError
 from mcad_cache.metrics import (
     recall_from_ranks,
     retrieval_ranks_from_embeddings,
     topk_ranks_i2t,
     topk_ranks_t2i,
 )
+from mcad_cache.runtime import autocast
 from mcad_cache.teachers.text_states import TextStateCache, supports_text_states
 
 _logger = logging.getLogger(__name__)
@@ -102,19 +102,6 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def autocast_context(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``precision`` is "auto" or "bf16" (fp16 when "fp16"); a no-op on CPU / "fp32".
-
-    Raises:
-        ValueError: unknown precision.
-    """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto | fp32 | bf16 | fp16, got {precision!r}")
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-
-
 @torch.no_grad()
 def encode_retrieval_set(
     model: Any,
@@ -131,7 +118,7 @@ def encode_retrieval_set(
             own preprocessing), "captions": list[list[str]], "skipped": list[dict]}`` (a per-item ``"skip"`` list
             is honoured too).
         text_batch_size: captions per text-encoder call.
-        precision: see :func:`autocast_context`; embeddings are returned as float32 either way.
+        precision: ``auto | fp32 | bf16 | fp16`` (``runtime.autocast``); embeddings are float32 either way.
     Returns:
         The :class:`RetrievalSet`; captions keep sample order, an image's captions consecutive.
     Raises:
@@ -144,7 +131,7 @@ def encode_retrieval_set(
     image_embs: list[Tensor] = []
     captions: list[str] = []
     txt2img: list[int] = []
-    with autocast_context(device, precision):
+    with autocast(device, precision):
         for batch in batches:
             for item in batch.get("skipped") or []:  # collate_samples puts unusable samples here
                 raise DataError(
@@ -260,10 +247,10 @@ def clamp_k_test(k_test: int, num_images: int, num_texts: int) -> tuple[int, int
     Returns:
         (k for i2t, k for t2i, notices): a notice names each clamp.
     Raises:
-        ValueError: ``k_test < 1``.
+        ConfigError: ``k_test < 1`` (a ValueError).
     """
     if k_test < 1:
-        raise ValueError(f"k_test must be >= 1, got {k_test}")
+        raise ConfigError(f"--k-test must be >= 1, got {k_test}")
     k_i2t, k_t2i = min(k_test, num_texts), min(k_test, num_images)
     notices = []
     if k_i2t < k_test:
@@ -314,7 +301,7 @@ def evaluate_single_stream(
         score: ``"itm"`` (ALBEF) or ``"itm+itc"`` (BLIP).
         pair_batch_size: (image, caption) pairs per ITM call.
         chunk_size: query rows per ITC similarity chunk.
-        precision: see :func:`autocast_context`.
+        precision: ``auto | fp32 | bf16 | fp16`` (``mcad_cache.runtime.autocast``).
         progress: optional ``progress(iterable, description, total)`` wrapper.
     Returns:
         ``{"metrics", "protocol", "notices"}``.
@@ -341,7 +328,7 @@ def evaluate_single_stream(
     if progress is not None:
         it = progress(batches, "ITM re-rank", None)
     text_states = TextStateCache(teacher, rs.captions, block=pair_batch_size) if supports_text_states(teacher) else None
-    with autocast_context(device, precision):
+    with autocast(device, precision):
         for batch in it:
             local = [(j, row_of[k]) for j, k in enumerate(batch["key"]) if k in row_of and row_of[k] in wanted]
             if not local:
@@ -481,7 +468,6 @@ def _candidate_selection(manifest: Mapping[str, Any]) -> dict[str, Any]:
 __all__ = [
     "ITM_SCORES",
     "RetrievalSet",
-    "autocast_context",
     "clamp_k_test",
     "encode_retrieval_set",
     "encode_texts",

@@ -27,6 +27,9 @@ from mcad_cache.cache import open_cache
 from mcad_cache.config import EvalConfig, config_to_dict
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, collate_samples, expand_shards
+from mcad_cache.distill import check_cache_data
+from mcad_cache.distill import rundir as rd
+from mcad_cache.errors import ConfigError, RunDirError
 from mcad_cache.eval import (
     ITM_SCORES,
     encode_retrieval_set,
@@ -35,37 +38,35 @@ from mcad_cache.eval import (
     evaluate_single_stream,
 )
 from mcad_cache.metrics import METRIC_KEYS
-from mcad_cache.pipelines.distill import FINAL_DIR, SUMMARY_FILE, check_cache_data
 from mcad_cache.progress import no_progress
+from mcad_cache.runtime import resolve_device
 from mcad_cache.student import DualEncoder
-from mcad_cache.teachers import create_teacher
-from mcad_cache.teachers.base import resolve_device
+from mcad_cache.teachers import create_teacher, list_teachers
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVAL_FILE = "eval.json"
-STUDENT_CONFIG = "student_config.json"
 
 
 def resolve_model_kind(config: EvalConfig) -> tuple[str, Path | None]:
     """``("teacher", None)``, ``("student", checkpoint folder)`` or ``("cache", cache folder)``.
 
     Raises:
-        FileNotFoundError: ``model`` is neither a run dir, a student checkpoint nor a cache (and no ``teacher``).
+        RunDirError: ``model`` is neither a run dir, a student checkpoint nor a cache (and no ``teacher``).
     """
     if config.teacher:
         return "teacher", None
     path = Path(config.model)
-    if (path / FINAL_DIR / STUDENT_CONFIG).is_file():
-        return "student", path / FINAL_DIR
-    if (path / STUDENT_CONFIG).is_file():
-        return "student", path
+    student = rd.find_student(path)
+    if student is not None:
+        return "student", student
     if (path / "zarr.json").is_file():
         return "cache", path
-    raise FileNotFoundError(
-        f"--model {config.model!r}: not a distill run dir (no {FINAL_DIR}/{STUDENT_CONFIG}), a student checkpoint "
-        f"({STUDENT_CONFIG}) or a cache (zarr.json); to evaluate a teacher pass --teacher clip|albef|blip"
+    raise RunDirError(
+        f"--model {config.model!r}: not a distill run dir (no {rd.FINAL_DIR}/{rd.STUDENT_CONFIG}), a student "
+        f"checkpoint ({rd.STUDENT_CONFIG}) or a cache (zarr.json); to evaluate a teacher pass "
+        f"--teacher {' | '.join(list_teachers())}"
     )
 
 
@@ -73,8 +74,7 @@ def _default_out(config: EvalConfig, kind: str, folder: Path | None) -> Path:
     if config.out:
         return Path(config.out)
     if kind == "student" and folder is not None:
-        run_dir = folder.parent if folder.name == FINAL_DIR else folder
-        return run_dir / EVAL_FILE
+        return rd.run_dir_of(folder) / EVAL_FILE
     name = Path(config.model).name or config.teacher
     return Path(".work/eval") / f"{config.teacher or kind}-{name}.json"
 
@@ -91,12 +91,12 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
         ``{"model", "kind", "data", "metrics", "protocol", "notices", "elapsed_s", "out", "config"}``; metrics in
         percent (``i2t_R@1`` ... ``rsum``).
     Raises:
-        FileNotFoundError: ``model`` is not a run dir, checkpoint or cache; ValueError: bad options;
+        RunDirError: ``model`` is not a run dir, checkpoint or cache; ConfigError: bad options;
         CacheIncompleteError / CacheMismatchError: a cache that is partial or not built on the test shards;
         DataError: an unreadable test sample (evaluation never skips).
     """
     if config.itm_score not in ITM_SCORES:
-        raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {config.itm_score!r}")
+        raise ConfigError(f"--itm-score must be one of {' | '.join(ITM_SCORES)}, got {config.itm_score!r}")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     shards = expand_shards(config.data)
@@ -160,23 +160,22 @@ def load_results(paths: Iterable[str]) -> list[dict[str, Any]]:
     ``summary.json`` adds the preset and steps).
 
     Raises:
-        FileNotFoundError: a path with no results; ValueError: a JSON without metrics.
+        RunDirError: a path with no results, or a JSON without metrics.
     """
     rows = []
     for p in paths:
         path = Path(p)
         file = path / EVAL_FILE if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(
+            raise RunDirError(
                 f"{p}: no results (expected an eval JSON or a run dir with {EVAL_FILE}; run "
                 "`mcad-cache eval --model RUN --data TEST_SHARDS` first)"
             )
         data = json.loads(file.read_text())
         if "metrics" not in data or not all(k in data["metrics"] for k in METRIC_KEYS):
-            raise ValueError(f"{file}: not an eval result (no {list(METRIC_KEYS)} under 'metrics')")
-        summary_file = (path if path.is_dir() else file.parent) / SUMMARY_FILE
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
+            raise RunDirError(f"{file}: not an eval result (no {list(METRIC_KEYS)} under 'metrics')")
+        summary = rd.read_summary(path if path.is_dir() else file.parent)
+        if summary is not None:
             data.setdefault("preset", summary.get("preset"))
             data.setdefault("steps", summary.get("steps"))
         data["name"] = str(p)

@@ -9,6 +9,7 @@ import torch
 from distill_fixtures import MemoryCache, make_shards
 from fake_teacher import FakeTeacher
 
+import mcad_cache.distill.join as join
 import mcad_cache.pipelines.distill as distill
 from mcad_cache.config import DistillConfig
 from mcad_cache.errors import CacheKeyError, CacheMismatchError, CacheSchemaError, NonFiniteError
@@ -41,7 +42,7 @@ def caches(shards):
 @pytest.fixture
 def use_caches(monkeypatch, caches):
     registry = dict(caches)
-    monkeypatch.setattr(distill, "open_cache", lambda path: registry[str(path)])
+    monkeypatch.setattr(join, "open_cache", lambda path: registry[str(path)])
     return registry
 
 
@@ -321,9 +322,8 @@ def test_contrastive_needs_no_cache(tmp_path, shards):
 
 
 def test_join_is_by_key_and_dedups_candidate_images(shards, caches):
+    from mcad_cache.distill import TargetJoiner, step_generator
     from mcad_cache.losses import preset
-    from mcad_cache.targets import TargetJoiner
-    from mcad_cache.train import step_generator
 
     clip, albef = caches["clip"], caches["albef"]  # albef rows are stored in reverse order
     all_keys = [str(k) for k in clip.image_keys.tolist()]
@@ -372,9 +372,9 @@ def test_two_ranks_gloo(tmp_path):
     from distill_fixtures import ddp_worker
 
     from mcad_cache.config import BuildConfig
+    from mcad_cache.distill import latest_checkpoint
     from mcad_cache.errors import CheckpointError
     from mcad_cache.pipelines import build_cache
-    from mcad_cache.train import latest_checkpoint
 
     shard_paths = make_shards(tmp_path / "shards", num_samples=12, per_shard=6)
     build_cache.run(

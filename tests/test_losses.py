@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mcad_cache import losses as L
+from mcad_cache.distill import DistillBatch, distill_forward
 from mcad_cache.losses import (
     LossConfig,
     MCADLoss,
@@ -225,7 +226,7 @@ def test_logit_fusion_against_slow_reference():
         itm_score="log_odds",
     )
     loss_fn = _loss(cfg)
-    log_p = loss_fn._topk_teacher_log_probs(teacher, "i2t", None)
+    log_p = loss_fn.topk_teacher_log_probs(teacher, "i2t", None)
     for b in range(B):
         idx = [j for j in range(K) if teacher.valid_i2t[b, j]]
         z = []
@@ -244,7 +245,7 @@ def test_mixture_against_slow_reference():
     g = _gen(4)
     teacher = _teacher(g)
     cfg = preset("mcad", integration="mixture", w_fusion_clip=3.0, w_fusion_itm=1.0, topk_temperature=1.5)
-    log_p = _loss(cfg)._topk_teacher_log_probs(teacher, "t2i", None)
+    log_p = _loss(cfg).topk_teacher_log_probs(teacher, "t2i", None)
     for b in range(B):
         idx = [j for j in range(K) if teacher.valid_t2i[b, j]]
         p_clip = _slow_softmax([float(teacher.clip_topk_sims_t2i[b, j]) * 100.0 / 1.5 for j in idx])
@@ -443,11 +444,17 @@ def test_full_mcad_preset_gives_every_student_and_loss_parameter_a_finite_gradie
     captions = ["a red bus", "two dogs in the snow", "a bowl of fruit"]
     cand_captions = ["a blue bus", "a red car", "one dog", "snow", "fruit", "a bowl"]
     cand_images = torch.rand(b * k, 3, 64, 64, generator=g)
-    out = model(images, **model.tokenize(captions))
-    cand_txt = model.encode_text(**model.tokenize(cand_captions)).view(b, k, -1)
-    cand_img = model.encode_image(cand_images).view(b, k, -1)
-    student = L.student_outputs(out, topk_text_emb=cand_txt, topk_image_emb=cand_img)
     teacher = _teacher(g, b=b, k=k, with_invalid=False)
+    # The real student path: one forward of anchors + candidates, candidates gathered by index (distill.step).
+    batch = DistillBatch(
+        keys=[f"s{i}" for i in range(b)],
+        images=images,
+        texts=captions + cand_captions,
+        extra_images=cand_images,
+        topk_text_index=torch.arange(b, b + b * k).view(b, k),
+        topk_image_index=torch.arange(b, b + b * k).view(b, k),
+        targets=teacher,
+    )
     loss_fn = MCADLoss(
         preset("mcad"),
         student_dim=model.embed_dim,
@@ -456,7 +463,7 @@ def test_full_mcad_preset_gives_every_student_and_loss_parameter_a_finite_gradie
         clip_dim=DC,
         fused_dim=C,
     )
-    losses = loss_fn(student, teacher)
+    losses = distill_forward(model, loss_fn, batch)
     assert set(losses) == EXPECTED_KEYS["mcad"] | {"loss"}
     losses["loss"].backward()
     named = [("student." + n, p) for n, p in model.named_parameters()]
@@ -521,7 +528,7 @@ def test_nan_in_invalid_candidate_slots_changes_nothing():
     loss_fn = _loss(preset("mcad", gate_init=0.2))
     student = _student(g)
     ref = loss_fn(student, teacher)
-    for d, names in L._PER_CANDIDATE.items():
+    for d, names in L.PER_CANDIDATE.items():
         invalid = ~getattr(teacher, f"valid_{d}")
         for name in names:
             getattr(teacher, name)[invalid] = float("nan")

@@ -8,20 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from mcad_cache.errors import CheckpointError, NonFiniteError
-from mcad_cache.train import (
+from mcad_cache.distill import (
     TrainState,
     checkpoint_path,
     create_optimizer,
-    create_scheduler,
     latest_checkpoint,
     load_checkpoint,
     param_groups,
     save_checkpoint,
     step_generator,
     train_loop,
-    warmup_cosine,
 )
+from mcad_cache.errors import CheckpointError, NonFiniteError
+from mcad_cache.schedules import create_warmup_cosine as create_scheduler
+from mcad_cache.schedules import warmup_cosine
 
 
 class Toy(nn.Module):

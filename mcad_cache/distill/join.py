@@ -1,6 +1,7 @@
 """Join streamed training samples with cached teacher targets, by key; fetch the cached candidates by id.
 
-This module sits above both ``data`` and ``cache`` (which never import each other) and beside ``losses``.
+This module sits above both ``data`` and ``cache`` (which never import each other) and beside ``losses``. It also
+opens and checks the run's caches against the run's shards (:func:`open_caches`).
 
 Per batch (B usable samples of the stream, in stream order):
 
@@ -16,56 +17,31 @@ Per batch (B usable samples of the stream, in stream order):
 4. **CLIP targets** for the candidates are found by key in the CLIP cache (``text_rows`` / ``image_rows`` of the
    candidate keys), never by row position: the two caches may order rows differently.
 
-The student side (:func:`distill_forward`) encodes anchors and candidates in one pass per tower and assembles
-``losses.StudentOutputs``.
+The student side (``distill.forward.distill_forward``) encodes anchors and candidates and assembles
+``losses.StudentOutputs``. Plug-in point for fixed derived targets (an offline-integrated cache): a joiner that fills
+the same ``TeacherTargets`` fields from that cache; ``LossConfig.required_inputs()`` says which fields are read.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from mcad_cache.cache import CacheReader, open_cache
 from mcad_cache.data.decode import DecodePolicy, decode_image
 from mcad_cache.data.index import ShardIndex
+from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
-from mcad_cache.losses import LossConfig, StudentOutputs, TeacherTargets
+from mcad_cache.hashing import file_sha256
+from mcad_cache.losses import LossConfig, TeacherTargets
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DistillBatch:
-    """One training batch: anchors, candidate ids resolved to student inputs, and the teacher targets.
-
-    Attributes:
-        keys: B sample keys (stream order).
-        images: [B, 3, H, W] float32, the student's preprocessing.
-        texts: T >= B caption strings: the B anchors first, then each distinct candidate caption once.
-        extra_images: [U, 3, H, W] candidate images that are not anchors of this batch (U may be 0), or None.
-        topk_text_index: [B, K] int64 rows of ``texts`` for each image's candidate captions (0 where invalid), or None.
-        topk_image_index: [B, K] int64 rows of ``cat(images, extra_images)`` for each caption's candidate images.
-        targets: the teacher side, CPU float32.
-        tokens: ``texts`` tokenized by the student (``input_ids`` / ``attention_mask`` [T, L]), or None.
-    """
-
-    keys: list[str]
-    images: Tensor
-    texts: list[str]
-    extra_images: Tensor | None
-    topk_text_index: Tensor | None
-    topk_image_index: Tensor | None
-    targets: TeacherTargets
-    tokens: dict[str, Tensor] | None = None
-
-    @property
-    def num_pairs(self) -> int:
-        return len(self.keys)
 
 
 class CandidateImages:
@@ -111,7 +87,7 @@ class CandidateImages:
         return torch.stack(list(self._pool.map(self._one, blobs)))
 
 
-def check_caches_match(clip: Any, single: Any) -> None:
+def check_caches_match(clip: CacheReader, single: CacheReader) -> None:
     """The two teachers' caches must hold the same image and text keys (rows may be ordered differently).
 
     Raises:
@@ -160,8 +136,8 @@ class TargetJoiner:
     def __init__(
         self,
         *,
-        clip: Any | None,
-        single: Any | None,
+        clip: CacheReader | None,
+        single: CacheReader | None,
         loss_config: LossConfig,
         k: int,
         candidate_images: Callable[[list[str]], Tensor] | None = None,
@@ -209,7 +185,9 @@ class TargetJoiner:
         draws = torch.rand(len(keys), generator=generator, dtype=torch.float64)
         return (draws * counts).floor().long().clamp(max=counts.long() - 1).tolist()
 
-    def _check_reader(self, reader: Any, keys: list[str], captions: list[list[str]], anchors: list[int]) -> tuple:
+    def _check_reader(
+        self, reader: CacheReader, keys: list[str], captions: list[list[str]], anchors: list[int]
+    ) -> tuple:
         img_rows = reader.image_rows(keys)  # CacheKeyError names missing keys
         found = reader.image_keys[img_rows]
         for key, got in zip(keys, found.tolist(), strict=True):
@@ -351,42 +329,73 @@ class TargetJoiner:
         )
 
 
-def distill_forward(model: nn.Module, loss_module: nn.Module, batch: DistillBatch) -> dict[str, Tensor]:
-    """Student forward for one :class:`DistillBatch`, then the loss module.
+# ------------------------------------------------------------------------------------------------- the run's caches
+def open_caches(
+    paths: Iterable[str], *, shards: list[str], index: ShardIndex | None = None
+) -> tuple[CacheReader | None, CacheReader | None]:
+    """Open and check the run's caches: at most one dual-stream and one single-stream, complete, built on the run's
+    shards (per-shard sha256 when the cache records it, and the sample keys).
 
-    One call of the model's ``forward(images=, input_ids=, attention_mask=)`` (what DDP wraps): images are the
-    anchors then the extra candidates, captions the anchors then each distinct candidate caption; candidate
-    embeddings are gathered into ``[B, K, D]``.
-
-    Args:
-        model: the student ``DualEncoder`` (or a wrapper of it with ``.module``).
-        loss_module: ``losses.MCADLoss``.
-        batch: from :class:`TargetJoiner` (``tokens`` set when the joiner was given the student's tokenizer).
     Returns:
-        The loss module's dict of weighted ``*_loss`` terms plus ``loss``.
+        (clip reader or None, single-stream reader or None).
+    Raises:
+        CacheNotFoundError, CacheSchemaError, CacheIncompleteError, CacheMismatchError.
     """
-    device = next(model.parameters()).device
-    images = batch.images
-    if batch.extra_images is not None and batch.extra_images.shape[0] > 0:
-        images = torch.cat([images, batch.extra_images])
-    tokens = batch.tokens if batch.tokens is not None else getattr(model, "module", model).tokenize(batch.texts)
-    out = model(
-        images=images.to(device, non_blocking=True),
-        input_ids=tokens["input_ids"].to(device, non_blocking=True),
-        attention_mask=tokens["attention_mask"].to(device, non_blocking=True),
-    )
-    image_emb, text_emb = out["image_emb"], out["text_emb"]
-    b = batch.num_pairs
-    student = StudentOutputs(
-        image_emb=image_emb[:b],
-        text_emb=text_emb[:b],
-        logit_scale=out["logit_scale"],
-        image_feat=out["image_feat"][:b],
-        text_feat=out["text_feat"][:b],
-        topk_text_emb=text_emb[batch.topk_text_index.to(device)] if batch.topk_text_index is not None else None,
-        topk_image_emb=image_emb[batch.topk_image_index.to(device)] if batch.topk_image_index is not None else None,
-    )
-    return loss_module(student, batch.targets.to(device))
+    clip = single = None
+    for path in paths:
+        reader = open_cache(path).require(complete=True)
+        check_cache_data(reader, shards, index=index)
+        if reader.kind == "dual":
+            if clip is not None:
+                raise CacheSchemaError(f"two dual-stream caches given ({clip.path}, {reader.path}); pass one")
+            clip = reader
+        else:
+            if single is not None:
+                raise CacheSchemaError(f"two single-stream caches given ({single.path}, {reader.path}); pass one")
+            single = reader
+    if single is not None and clip is None:
+        raise CacheSchemaError(f"{single.path} is single-stream; distillation also needs a dual-stream (CLIP) cache")
+    return clip, single
 
 
-__all__ = ["CandidateImages", "DistillBatch", "TargetJoiner", "check_caches_match", "distill_forward"]
+def _shard_records(fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:
+    data = fingerprint.get("data")
+    if not isinstance(data, dict):
+        return None
+    shards = data.get("shards")
+    if isinstance(shards, list) and shards and all(isinstance(s, dict) for s in shards):
+        return shards
+    return None
+
+
+def check_cache_data(reader: CacheReader, shards: list[str], *, index: ShardIndex | None = None) -> None:
+    """Refuse a cache built on other data than ``shards``: per-shard sha256 (when the cache records shard records
+    ``{"name", "sha256"}``) and the sample keys (every cached key must be in the run's shards).
+
+    Raises:
+        CacheMismatchError: a readable diff of shards (name, sha256) or the missing keys.
+    """
+    records = _shard_records(reader.fingerprint)
+    if records is not None:
+        want = {Path(s).name: s for s in shards}
+        have = {str(r.get("name", "")): r for r in records}
+        lines = []
+        for name in sorted(set(want) | set(have)):
+            if name not in have:
+                lines.append(f"shard {name}: in the run's data, not in the cache")
+            elif name not in want:
+                lines.append(f"shard {name}: in the cache, not in the run's data")
+            elif have[name].get("sha256") and file_sha256(want[name]) != have[name]["sha256"]:
+                lines.append(f"shard {name}: sha256 differs (the file changed since the cache was built)")
+        if lines:
+            raise CacheMismatchError(f"{reader.path}: the cache was built on other data:\n  " + "\n  ".join(lines))
+    index = index if index is not None else ShardIndex(shards)
+    missing = [str(k) for k in reader.image_keys.tolist() if str(k) not in index]
+    if missing:
+        raise CacheMismatchError(
+            f"{reader.path}: {len(missing)} cached sample key(s) are not in the run's shards, e.g. {missing[:5]}; "
+            "the cache was built on other data"
+        )
+
+
+__all__ = ["CandidateImages", "TargetJoiner", "check_cache_data", "check_caches_match", "open_caches"]

@@ -94,7 +94,6 @@ class TeacherTargets:
         return TeacherTargets(**out)
 
 
-
 PER_CANDIDATE = {
     "i2t": ("clip_topk_sims_i2t", "clip_topk_text_emb", "itm_logits_i2t", "ss_sims_i2t", "fused_cls_i2t"),
     "t2i": ("clip_topk_sims_t2i", "clip_topk_image_emb", "itm_logits_t2i", "ss_sims_t2i", "fused_cls_t2i"),

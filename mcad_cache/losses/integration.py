@@ -84,8 +84,6 @@ def pool_fused(fused: Tensor, weights_logits: Tensor | None, mask: Tensor | None
     return torch.einsum("bk,bkc->bc", w, fused.float()), mask.any(-1)
 
 
-
-
 class TargetIntegration(nn.Module):
     """Modified teacher features: CLIP features plus a learned, gated projection of the single-stream fused [CLS].
 
@@ -158,7 +156,6 @@ class TargetIntegration(nn.Module):
         else:
             raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
         return (v * t).sum(-1)
-
 
 
 # ------------------------------------------------------------------------------------------------------ the modes
@@ -297,7 +294,13 @@ class ModifiedFeatures(Integration):
 
     def topk_inputs(self, config: LossConfig, direction: str) -> set[str]:
         cand = dict(DIRECTIONS)[direction]
-        return {"clip_image_emb", "clip_text_emb", f"clip_topk_{cand}_emb", "clip_logit_scale", f"itm_logits_{direction}"}
+        return {
+            "clip_image_emb",
+            "clip_text_emb",
+            f"clip_topk_{cand}_emb",
+            "clip_logit_scale",
+            f"itm_logits_{direction}",
+        }
 
     def module_inputs(self, config: LossConfig, direction: str) -> set[str]:
         if not self.has_module(config):

@@ -1,0 +1,223 @@
+"""Resumable checkpoints: ``TrainState`` (the data position), RNG-state serialisation, save / load / find.
+
+**Exact resume.** A checkpoint holds the model and loss-module weights (safetensors), the optimiser and scheduler
+state, the RNG states (torch CPU and CUDA, Python ``random``) and the data position (epoch, batches consumed in that
+epoch, optimiser steps). On resume the epoch's deterministic batch stream is rebuilt and the consumed batches are
+skipped (read, not trained on), then the RNG states are restored (``distill.loop.train_loop``), so the next step sees
+the same batch, the same dropout masks and the same caption choices as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mcad_cache.errors import CheckpointError
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"  # DualEncoder.save's weights file name
+LOSS_FILE = "loss.safetensors"
+STATE_FILE = "train_state.pt"  # written last: a checkpoint folder without it is incomplete
+
+
+@dataclass
+class TrainState:
+    """Where a run is: the data position and the optimiser step count.
+
+    Attributes:
+        step: optimiser steps done (the next step is ``step + 1``).
+        epoch: the epoch being read (0-based).
+        batch_in_epoch: batches of that epoch already consumed (trained on).
+        samples_seen: image-caption pairs trained on so far.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------- RNG state
+def get_rng_state() -> dict[str, Any]:
+    """Global RNG states: torch CPU, every CUDA device (if any), Python ``random``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_tensor(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore states from :func:`get_rng_state` (CUDA states only when CUDA is present)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_state_from_tensor(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_tensor(st: tuple) -> Tensor:
+    version, internal, gauss = st
+    return torch.tensor([version, -1 if gauss is None else 1, *internal], dtype=torch.int64), torch.tensor(
+        [0.0 if gauss is None else gauss], dtype=torch.float64
+    )
+
+
+def _py_state_from_tensor(packed: Any) -> tuple:
+    ints, gauss = packed
+    values = ints.tolist()
+    return values[0], tuple(values[2:]), None if values[1] == -1 else float(gauss.item())
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    loss_module: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    extra: Mapping[str, Any] | None = None,
+    rank_states: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write a resumable checkpoint atomically (to ``folder.tmp``, then renamed).
+
+    Layout: ``model.safetensors`` (+ ``student_config.json`` and ``tokenizer/`` when the model has ``save``, so the
+    folder loads with ``DualEncoder.load``), ``loss.safetensors`` (loss-module parameters and buffers),
+    ``train_state.pt`` (optimizer, scheduler, RNG states, :class:`TrainState`, ``extra``), written last.
+    Distributed runs (one writer, rank 0) pass ``rank_states``: every rank's ``{"train_state": dict, "rng": ...}``
+    (from :func:`rank_state`), since each rank has its own data position and RNG.
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if callable(getattr(model, "save", None)):
+        model.save(tmp)
+    else:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
+    loss_state = {
+        k: v.detach().contiguous().cpu() for k, v in (loss_module.state_dict() if loss_module else {}).items()
+    }
+    save_file(loss_state, str(tmp / LOSS_FILE))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": get_rng_state(),
+            "train_state": asdict(state),
+            "extra": json.dumps(dict(extra or {})),
+            "ranks": list(rank_states or []),
+        },
+        tmp / STATE_FILE,
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def load_checkpoint(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    loss_module: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    map_location: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    """Load a :func:`save_checkpoint` folder into existing objects (strict key / shape match).
+
+    Args:
+        rank, world_size: this process's rank and the run's number of ranks (distributed checkpoints hold one data
+            position and RNG state per rank).
+    Returns:
+        (train state, RNG states to restore with :func:`set_rng_state` once the data position is reached, extra).
+    Raises:
+        CheckpointError: missing files, weights that do not fit the model / loss module, or another world size.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (MODEL_FILE, LOSS_FILE, STATE_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {folder}: missing {name}")
+    device = str(map_location)
+    try:
+        model.load_state_dict(load_file(str(folder / MODEL_FILE), device=device), strict=True)
+        if loss_module is not None:
+            loss_module.load_state_dict(load_file(str(folder / LOSS_FILE), device=device), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {folder} does not fit the model or loss module: {err}") from err
+    blob = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    ranks = blob.get("ranks") or []
+    saved_world = max(1, len(ranks))
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by {saved_world} rank(s), this run has {world_size}: resume with the "
+            "same number of ranks (each rank's data position is its own)"
+        )
+    if ranks:
+        return TrainState(**ranks[rank]["train_state"]), ranks[rank]["rng"], json.loads(blob["extra"])
+    return TrainState(**blob["train_state"]), blob["rng"], json.loads(blob["extra"])
+
+
+def rank_state(state: TrainState) -> dict[str, Any]:
+    """This process's data position and RNG states, for :func:`save_checkpoint`'s ``rank_states``."""
+    return {"train_state": asdict(state), "rng": get_rng_state()}
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint (one with ``train_state.pt``) of highest step under ``run_dir/checkpoints``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    done = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return max(done, key=lambda p: int(p.name[5:]), default=None)
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step_{step:08d}``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
+
+
+def prune_checkpoints(run_dir: str | Path, *, keep: int) -> None:
+    """Delete all but the ``keep`` highest-step checkpoint folders under ``run_dir/checkpoints``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    done = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "LOSS_FILE",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "TrainState",
+    "checkpoint_path",
+    "get_rng_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "rank_state",
+    "save_checkpoint",
+    "set_rng_state",
+]

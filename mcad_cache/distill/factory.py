@@ -1,0 +1,214 @@
+"""The one factory that wires a distillation run: caches, student, loss module, join, stream, optimiser, schedule.
+
+``pipelines.distill``, the benchmarks and the tests all call :func:`create_distill`, so there is one wiring.
+
+Plug-in points (issue 10/11): the **candidate source** is ``DistillRun.candidates`` (``distill.forward``: online
+encoding today, a bank of student embeddings next); **fixed derived targets** replace the ``TargetJoiner`` built in
+:func:`create_distill` (``DistillRun.joiner``) by one that fills the same ``TeacherTargets`` fields from a derived
+cache, with ``LossConfig.required_inputs()`` naming the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mcad_cache.cache import CacheReader
+from mcad_cache.config import DistillConfig, config_to_dict
+from mcad_cache.data.decode import DecodePolicy
+from mcad_cache.data.index import ShardIndex
+from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.data.webdataset import SkipReport, expand_shards
+from mcad_cache.distill.batch import DistillBatch
+from mcad_cache.distill.forward import ONLINE_CANDIDATES, CandidateSource, DistillStep, distill_forward
+from mcad_cache.distill.join import CandidateImages, TargetJoiner, open_caches
+from mcad_cache.distill.optim import create_optimizer
+from mcad_cache.distill.step import step_generator
+from mcad_cache.distill.stream import EpochStream
+from mcad_cache.errors import CacheSchemaError, ConfigError
+from mcad_cache.losses import PRESETS, LossConfig, MCADLoss, preset
+from mcad_cache.runtime import resolve_device
+from mcad_cache.schedules import create_warmup_cosine
+from mcad_cache.student import DualEncoder, create_student
+
+
+def create_loss_module(
+    loss_config: LossConfig, *, model: DualEncoder, clip: CacheReader | None, single: CacheReader | None
+) -> MCADLoss:
+    """``MCADLoss`` sized for ``model`` and the caches (CLIP embedding width, fused [CLS] width), on the model's
+    device.
+
+    Raises:
+        ValueError: a dimension the config needs is missing (e.g. no CLIP cache for feature alignment).
+    """
+    return MCADLoss(
+        loss_config,
+        student_dim=model.embed_dim,
+        student_image_feat_dim=model.image_feat_dim,
+        student_text_feat_dim=model.text_feat_dim,
+        clip_dim=clip.layout.emb_dim if clip is not None else None,
+        fused_dim=(single.layout.fused_dim or None) if single is not None else None,
+    ).to(next(model.parameters()).device)
+
+
+@dataclass
+class DistillRun:
+    """Every component of one distillation run, wired. Attributes are the components; methods are the glue the
+    training loop takes (``prepare``, ``forward``)."""
+
+    config: DistillConfig
+    loss_config: LossConfig
+    resolved: dict[str, Any]  # config_to_dict(config) + the resolved LossConfig: what config.json holds
+    shards: list[str]
+    index: ShardIndex
+    clip: CacheReader | None
+    single: CacheReader | None
+    device: torch.device
+    model: DualEncoder
+    loss_module: MCADLoss
+    joiner: TargetJoiner
+    stream: EpochStream
+    report: SkipReport
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    num_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    rank: int = 0
+    world_size: int = 1
+    candidates: CandidateSource = field(default=ONLINE_CANDIDATES)
+
+    def join(self, raw: dict[str, Any], step: int) -> DistillBatch:
+        """Join one collated stream batch with the caches, with the generator of optimiser step ``step``."""
+        return self.joiner(raw, generator=step_generator(self.config.seed, step))
+
+    def prepare(self, raw: dict[str, Any], step: int) -> tuple[DistillBatch | None, list[str], int]:
+        """``train_loop``'s ``prepare``: a partial batch is skipped (None), else the joined batch."""
+        if len(raw["key"]) < self.config.batch_size:
+            return None, [], 0
+        batch = self.join(raw, step)
+        return batch, batch.keys, batch.num_pairs
+
+    def forward(self, model: nn.Module, loss_module: nn.Module | None, batch: DistillBatch) -> dict[str, Tensor]:
+        """``train_step``'s ``forward`` on one process: ``distill_forward`` with this run's candidate source."""
+        assert loss_module is not None
+        return distill_forward(model, loss_module, batch, candidates=self.candidates)
+
+    def trained_module(self) -> tuple[nn.Module, nn.Module | None, Callable[..., dict[str, Tensor]]]:
+        """``(module, loss module or None, forward)`` for ``train_loop``: the student and loss module as they are on
+        one process; under DDP one ``DistributedDataParallel(DistillStep)`` (one gradient all-reduce for both)."""
+        if self.world_size <= 1:
+            return self.model, self.loss_module, self.forward
+        from torch.nn.parallel import DistributedDataParallel
+
+        from mcad_cache.distill.forward import wrapped_forward
+
+        step = DistillStep(self.model, self.loss_module, candidates=self.candidates)
+        return DistributedDataParallel(step, find_unused_parameters=True), None, wrapped_forward
+
+
+def _check_config(config: DistillConfig, loss_config: LossConfig) -> None:
+    if config.batch_size < 2:
+        raise ConfigError(f"--batch-size must be >= 2 (in-batch contrastive terms), got {config.batch_size}")
+
+
+def create_distill(
+    config: DistillConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_candidate_images: Callable[[CandidateImages], Callable[[list[str]], Tensor]] | None = None,
+) -> DistillRun:
+    """Wire a distillation run from ``config`` (no run directory is touched; ``pipelines.distill`` owns that).
+
+    Seeds ``torch`` and ``random`` with ``config.seed`` before the student is created (same init on every rank),
+    then, under DDP, with ``seed + 1000 * rank`` (own dropout stream per rank).
+
+    Args:
+        config: the run's settings.
+        rank, world_size: this process's rank and the number of ranks (1 = no DDP).
+        wrap_candidate_images: optional wrapper around the ``CandidateImages`` fetcher (benchmarks time it).
+    Returns:
+        The :class:`DistillRun`.
+    Raises:
+        ConfigError: unknown preset, batch size < 2, too few shards for the ranks and workers, no training step.
+        CacheSchemaError: a preset that needs a cache kind that is not given, k above a cache's k.
+        CacheNotFoundError / CacheIncompleteError / CacheMismatchError / CacheKeyError: missing, partial or foreign
+            caches (readable diff, named keys).
+        DeviceError: a device that is not available.
+    """
+    if config.preset not in PRESETS:
+        raise ConfigError(f"--preset {config.preset!r} is unknown; known: {', '.join(PRESETS)}")
+    try:
+        loss_config = preset(config.preset, **dict(config.loss))
+    except ValueError as err:
+        raise ConfigError(f"--loss: {err}") from err
+    _check_config(config, loss_config)
+    shards = expand_shards(config.data)
+    device = resolve_device(config.device)
+    if world_size > 1 and len(shards) < world_size * max(1, config.workers):
+        raise ConfigError(
+            f"{len(shards)} shard(s) for {world_size} ranks x {max(1, config.workers)} workers: every reader needs at "
+            "least one shard (a rank without data would leave the others waiting in the gradient all-reduce)"
+        )
+    if world_size > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
+    resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
+
+    index = ShardIndex(shards)  # tar headers read once: key checks and candidate images
+    clip, single = open_caches(config.cache, shards=shards, index=index)
+    if loss_config.required_inputs()["teacher"] and clip is None:
+        raise CacheSchemaError(f"preset {config.preset!r} needs a dual-stream (CLIP) cache: pass --cache")
+    if loss_config.uses_single_stream and loss_config.w_topk_i2t + loss_config.w_topk_t2i > 0 and single is None:
+        raise CacheSchemaError(
+            f"preset {config.preset!r} (integration {loss_config.integration!r}) needs a single-stream (ALBEF/BLIP) "
+            "cache: pass a second --cache, or use --preset clip-kd / clip-kd-feat / contrastive"
+        )
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = create_student(config.student).to(device)
+    loss_module = create_loss_module(loss_config, model=model, clip=clip, single=single)
+    if world_size > 1:
+        torch.manual_seed(config.seed + 1_000 * rank)  # same init on every rank, own dropout stream per rank
+    transform = make_image_transform(model.preprocess_cfg)
+    policy = DecodePolicy()
+    candidate_images: Any = CandidateImages(index, transform=transform, policy=policy, threads=max(1, config.workers))
+    if wrap_candidate_images is not None:
+        candidate_images = wrap_candidate_images(candidate_images)
+    joiner = TargetJoiner(
+        clip=clip, single=single, loss_config=loss_config, k=config.k, candidate_images=candidate_images,
+        tokenize=model.tokenize,
+    )  # fmt: skip
+    report = SkipReport()
+    stream = EpochStream(
+        shards, transform=transform, policy=policy, batch_size=config.batch_size, workers=config.workers,
+        seed=config.seed, shuffle_buffer=config.shuffle_buffer, report=report,
+    )  # fmt: skip
+    num_samples = int(clip.image_valid.sum()) if clip is not None else len(index)
+    steps_per_epoch = num_samples // (config.batch_size * world_size)
+    total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
+    if total_steps < 1:
+        raise ConfigError(
+            f"no training step: {num_samples} samples make {steps_per_epoch} batch(es) of {config.batch_size}; "
+            "lower --batch-size or set --steps"
+        )
+    optimizer = create_optimizer([model, loss_module], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = create_warmup_cosine(
+        optimizer, warmup_steps=min(config.warmup_steps, total_steps), total_steps=total_steps
+    )
+    return DistillRun(
+        config=config, loss_config=loss_config, resolved=resolved, shards=shards, index=index, clip=clip,
+        single=single, device=device, model=model, loss_module=loss_module, joiner=joiner, stream=stream,
+        report=report, optimizer=optimizer, scheduler=scheduler, num_samples=num_samples,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+__all__ = ["DistillRun", "create_distill", "create_loss_module"]

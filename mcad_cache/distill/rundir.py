@@ -1,0 +1,166 @@
+"""The run directory of a distillation run: its files, the resume check, metrics, the final student, the summary.
+
+Layout (``DistillConfig.out``)::
+
+    config.json         resolved DistillConfig (+ the resolved LossConfig under "loss_config")
+    metrics.jsonl       one JSON line per logged step: losses, lr, grad norm, throughput
+    loss_curves.png     loss terms against step (matplotlib, Agg backend)
+    checkpoints/step_N/ resumable checkpoints (distill.checkpoint)
+    final/              the student (model.safetensors, student_config.json, tokenizer/) + loss.safetensors
+    summary.json        steps, samples, time, final losses, caches used, skip counts
+
+``distill`` writes it; ``eval`` reads it through :func:`find_student` and :func:`read_summary`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mcad_cache.distill.checkpoint import LOSS_FILE
+from mcad_cache.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "loss_curves.png"
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "final"
+STUDENT_CONFIG = "student_config.json"  # DualEncoder.save's config file: marks a student checkpoint folder
+RESUME_FREE_FIELDS = ("resume", "workers", "log_every", "checkpoint_every", "device", "threads")  # may change on resume
+
+
+def check_resume_config(run_dir: str | Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume a run dir whose ``config.json`` differs from ``resolved`` outside ``RESUME_FREE_FIELDS``.
+
+    Raises:
+        CheckpointError: the diff, one line per field.
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    diff = [
+        f"{k}: run dir has {saved.get(k)!r}, now {resolved.get(k)!r}"
+        for k in sorted(set(saved) | set(resolved))
+        if k not in RESUME_FREE_FIELDS and saved.get(k) != resolved.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{run_dir} holds a run with another config; use a new --out or the same settings:\n  " + "\n  ".join(diff)
+        )
+
+
+def write_config(run_dir: str | Path, resolved: dict[str, Any]) -> None:
+    """Write ``config.json``."""
+    (Path(run_dir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Keep only the metrics.jsonl lines of steps ``<= step`` (a resumed run rewrites the later ones)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def reset_metrics(run_dir: str | Path) -> None:
+    """Start an empty metrics.jsonl."""
+    (Path(run_dir) / METRICS_FILE).write_text("")
+
+
+def append_metrics(run_dir: str | Path, values: dict[str, Any]) -> None:
+    """Append one JSON line to metrics.jsonl."""
+    with (Path(run_dir) / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(values) + "\n")
+
+
+def save_final(run_dir: str | Path, *, model: nn.Module, loss_module: nn.Module) -> Path:
+    """Save the student (``model.save``) and the loss module's state (``loss.safetensors``) under ``final/``."""
+    from safetensors.torch import save_file
+
+    final = Path(run_dir) / FINAL_DIR
+    model.save(final)
+    save_file({k: v.detach().contiguous().cpu() for k, v in loss_module.state_dict().items()}, str(final / LOSS_FILE))
+    return final
+
+
+def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json``."""
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """``summary.json`` of a run dir as a dict, or None when there is none."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def find_student(path: str | Path) -> Path | None:
+    """The student checkpoint folder of ``path``: ``path/final`` for a run dir, ``path`` itself for a checkpoint
+    folder (one with ``student_config.json``), else None."""
+    path = Path(path)
+    if (path / FINAL_DIR / STUDENT_CONFIG).is_file():
+        return path / FINAL_DIR
+    if (path / STUDENT_CONFIG).is_file():
+        return path
+    return None
+
+
+def run_dir_of(student_folder: str | Path) -> Path:
+    """The run dir that holds a student checkpoint folder (its parent for ``final/``, else the folder)."""
+    folder = Path(student_folder)
+    return folder.parent if folder.name == FINAL_DIR else folder
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Plot every ``*_loss`` and ``loss`` from metrics.jsonl against step into a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    names = sorted({k for r in rows for k in r if k == "loss" or k.endswith("_loss")})
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
+    steps = [r["step"] for r in rows]
+    for name in names:
+        ax.plot(steps, [r.get(name, float("nan")) for r in rows], label=name, lw=2.0 if name == "loss" else 1.0)
+    ax.set_ylabel("loss (weighted)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="k")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return Path(out_path)
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "CURVES_FILE",
+    "FINAL_DIR",
+    "METRICS_FILE",
+    "RESUME_FREE_FIELDS",
+    "STUDENT_CONFIG",
+    "SUMMARY_FILE",
+    "append_metrics",
+    "check_resume_config",
+    "find_student",
+    "plot_curves",
+    "read_summary",
+    "reset_metrics",
+    "run_dir_of",
+    "save_final",
+    "truncate_metrics",
+    "write_config",
+    "write_summary",
+]
