@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
 from mcad_cache.config import BuildConfig, load_config
+from mcad_cache.pipelines import build_cache
 
 
 @app.command("build")
@@ -41,8 +42,6 @@ def build(
     """Build a teacher cache (embeddings, global top-k both directions, ITM logits and fused features for
     single-stream teachers). Rerun the same command to resume an interrupted build."""
     setup_logging(verbose)
-    from mcad_cache.pipelines import build_cache
-
     cfg = call_pipeline(
         load_config,
         BuildConfig,
@@ -70,11 +69,7 @@ def build(
         rank=rank,
         world_size=world_size,
     )
-    try:
-        result = call_pipeline(build_cache.run, cfg, progress=progress)
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from err
+    result = call_pipeline(build_cache.run, cfg, progress=progress)
     if result.status == "rank-done":
         console.print(f"rank {cfg.rank} of {cfg.world_size}: its units are committed; rank 0 finalizes the cache")
         return

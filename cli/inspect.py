@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.cli.app import app, call_pipeline, console
+from mcad_cache.pipelines import build_cache
 
 
 def _fmt_bytes(n: float) -> str:
@@ -18,11 +18,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
-
-
-def _inspect(path: str, check: bool) -> tuple[dict[str, Any], list[str] | None]:
-    reader = open_cache(path)
-    return describe_cache(reader), (check_cache(reader) if check else None)
 
 
 @app.command("inspect")
@@ -35,7 +30,7 @@ def inspect(
 
     With --check, verify finiteness, id ranges, validity masks, key uniqueness and maps; exit 1 on any problem.
     """
-    desc, problems = call_pipeline(_inspect, cache, check)
+    desc, problems = call_pipeline(build_cache.inspect, cache, check=check)
     if json_out:
         typer.echo(json.dumps({**desc, "problems": problems}, indent=2, default=str))
     else:

@@ -1,4 +1,5 @@
-"""``mcad-cache build``: run one teacher over WebDataset shards into a resumable Zarr v3 cache.
+"""``mcad-cache build``: run one teacher over WebDataset shards into a resumable Zarr v3 cache; ``mcad-cache inspect``:
+describe (and check) a built cache.
 
 A thin run: check the config, set threads, resolve shards, device and precision, create the teacher, and hand them
 to the library's engine (``mcad_cache.build``: one module per pass, unit bookkeeping, rank coordination; the result
@@ -7,10 +8,14 @@ is described in ``docs/cache-format.md``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mcad_cache.build import BuildResult, build_cache, check_config, resolve_shards
+from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.config import BuildConfig
+from mcad_cache.errors import ConfigError
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.teachers import create_teacher
@@ -26,7 +31,7 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
         A :class:`~mcad_cache.build.BuildResult` (``status`` "built", "resumed", "complete" when there was nothing
         to do, or "rank-done" for a rank > 0).
     Raises:
-        ConfigError: an invalid config value.
+        ConfigError: an invalid config value (also a precision this device cannot run).
         DataSourceError: ``--data`` matches no shard, or the shards hold no usable sample.
         DeviceError: the device is not available.
         UnknownModelError: an unknown teacher name.
@@ -37,7 +42,10 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
         torch.set_num_threads(config.threads)
     shards = resolve_shards(config.data)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    try:
+        precision = resolve_precision(config.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"--precision {config.precision!r}: {err}") from err
     teacher = create_teacher(
         config.teacher, model=config.model or None, pretrained=config.pretrained or None, device=str(device)
     )
@@ -46,4 +54,16 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
     return build_cache(config, teacher=teacher, shards=shards, device=device, precision=precision, progress=progress)
 
 
-__all__ = ["BuildResult", "resolve_precision", "run"]
+def inspect(path: str, *, check: bool = False) -> tuple[dict[str, Any], list[str] | None]:
+    """``(describe_cache(...), check_cache(...) or None)`` of the cache at ``path``: the manifest, arrays, bytes per
+    sample and statistics; with ``check``, the consistency problems (empty list: OK).
+
+    Raises:
+        CacheNotFoundError: no cache at ``path``.
+        CacheSchemaError: another schema version or a malformed cache.
+    """
+    reader = open_cache(path)
+    return describe_cache(reader), (check_cache(reader) if check else None)
+
+
+__all__ = ["BuildResult", "inspect", "resolve_precision", "run"]
