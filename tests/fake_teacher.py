@@ -41,7 +41,14 @@ class _FakeModel(nn.Module):
 
 
 class FakeTeacher(BaseTeacher):
-    """Tiny deterministic teacher (see the module docstring)."""
+    """Tiny deterministic teacher (see the module docstring). ``FakeTeacher(kind="single")`` returns a
+    :class:`FakeSingleTeacher`, so only the single-stream variant has the single-stream abilities (protocols are
+    checked by method presence)."""
+
+    def __new__(cls, *, kind: str = "dual", seed: int = 0, device: Any = "cpu") -> FakeTeacher:
+        if cls is FakeTeacher and kind == "single":
+            return super().__new__(FakeSingleTeacher)
+        return super().__new__(cls)
 
     def __init__(self, *, kind: str = "dual", seed: int = 0, device: Any = "cpu") -> None:
         self.name = "fake"
@@ -69,21 +76,19 @@ class FakeTeacher(BaseTeacher):
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     @torch.no_grad()
-    def image_tokens(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] -> image_tokens [B, 16, C] float32."""
+    def _image_tokens(self, images: Tensor) -> Tensor:
         x = self._inputs(images).float()
         grid = F.adaptive_avg_pool2d(x, 4).flatten(2).transpose(1, 2)  # [B, 16, 3]
         return torch.tanh(grid @ self.model.patch + self.model.pos)
 
     @torch.no_grad()
-    def encode_image_from_tokens(self, image_tokens: Tensor) -> Tensor:
-        """image_tokens [B, 16, C] -> image_emb [B, D] float32, L2-normalised."""
+    def _image_emb(self, image_tokens: Tensor) -> Tensor:
         return F.normalize((image_tokens.float().mean(1) @ self.model.img_proj).float(), dim=-1)
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] -> image_emb [B, D] float32, L2-normalised."""
-        return self.encode_image_from_tokens(self.image_tokens(images))
+        return self._image_emb(self._image_tokens(images))
 
     def _pooled_text(self, tokens: dict[str, Tensor]) -> Tensor:
         ids, mask = self._tokens(tokens)
@@ -95,11 +100,21 @@ class FakeTeacher(BaseTeacher):
         """tokens -> text_emb [B, D] float32, L2-normalised."""
         return F.normalize((self._pooled_text(tokens) @ self.model.txt_proj).float(), dim=-1)
 
+
+class FakeSingleTeacher(FakeTeacher):
+    """The single-stream fake: adds ``image_tokens``, ``encode_image_from_tokens`` and an ITM head."""
+
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] -> image_tokens [B, 16, C] float32."""
+        return self._image_tokens(images)
+
+    def encode_image_from_tokens(self, image_tokens: Tensor) -> Tensor:
+        """image_tokens [B, 16, C] -> image_emb [B, D] float32, L2-normalised."""
+        return self._image_emb(image_tokens)
+
     @torch.no_grad()
     def itm_from_tokens(self, image_tokens: Tensor, tokens: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Row-wise pairs -> (itm_logits [B, 2], fused_cls [B, C]) float32."""
-        if self.kind != "single":
-            raise TypeError("dual-stream fake teacher has no ITM head")
         both = torch.cat([image_tokens.float().mean(1), self._pooled_text(tokens)], dim=1)
         fused = torch.tanh(both @ self.model.fuse) * 4
         return (fused @ self.model.itm_head).float(), fused.float()

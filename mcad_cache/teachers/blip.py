@@ -22,6 +22,7 @@ transformers' port carries no learned ITC temperature, so ``logit_scale`` is ``e
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -217,14 +218,16 @@ class BlipTeacher(BaseTeacher):
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
-    """The architecture-relevant part of a BlipConfig (JSON-able; no transformers bookkeeping)."""
+    """The architecture-relevant part of a BlipConfig, in its JSON form (no transformers bookkeeping). JSON form:
+    ``id2label`` has int keys in the config, string keys once a cache manifest stores it; the fingerprint must equal
+    its stored copy (the conformance suite checks the round trip)."""
     d = cfg.to_dict()
     drop = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "_commit_hash"}
     out = {k: v for k, v in d.items() if k not in drop}
     for sub in ("text_config", "vision_config"):
         if isinstance(out.get(sub), dict):
             out[sub] = {k: v for k, v in out[sub].items() if k not in drop}
-    return out
+    return json.loads(json.dumps(out))
 
 
 def _is_config_spec(spec: Any) -> bool:
