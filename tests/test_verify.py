@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mcad_cache.cli.main import app
-from mcad_cache.data.index import scan_shard
+from mcad_cache.data.tar import scan_shard
 from mcad_cache.data.verify import verify_shards
 from tests.data_fixtures import caption_json, good_sample, image_bytes, write_members, write_samples
 

@@ -18,7 +18,7 @@ from mcad_cache.data import (
     expand_shards,
     iter_samples,
 )
-from mcad_cache.data.index import scan_shard
+from mcad_cache.data.tar import scan_shard
 from mcad_cache.errors import DataError
 from tests.data_fixtures import (
     caption_json,

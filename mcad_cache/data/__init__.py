@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mcad_cache.data.captions import clean_caption, parse_captions
 from mcad_cache.data.decode import DecodePolicy, decode_image, probe_image
-from mcad_cache.data.index import ShardIndex, scan_shard
+from mcad_cache.data.index import ShardIndex
 from mcad_cache.data.skips import SKIP_REASONS, SampleSkip
+from mcad_cache.data.tar import scan_shard
 from mcad_cache.data.webdataset import (
     Sample,
     SampleDataset,

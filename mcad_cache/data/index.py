@@ -1,117 +1,18 @@
-"""Tar header scanning and random access to samples by key.
-
-:func:`scan_shard` reads only the 512-byte tar headers of an uncompressed WebDataset shard (seeking over the
-data), and finds where each member's bytes lie. It also detects truncation: a member whose data runs past the end of
-the file, a corrupt header, or a missing end-of-archive block. :class:`ShardIndex` builds on it to map every
-``__key__`` to its members so that training can fetch a candidate image by id.
-
-Member names follow WebDataset (``webdataset.tariterators.base_plus_ext``): the key is everything before the first
-dot of the file name (directories included), the extension everything after it.
+"""Random access to samples by key: :class:`ShardIndex` maps every ``__key__`` to its tar members (from
+:func:`mcad_cache.data.tar.scan_shard`'s headers) so that training can fetch a candidate image by id.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tarfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-
-from webdataset.tariterators import base_plus_ext
+from dataclasses import dataclass
 
 from mcad_cache.data.captions import CAPTION_EXTENSIONS, parse_captions
+from mcad_cache.data.tar import IMAGE_EXTENSIONS, Member, ShardScan, expand_shards, scan_shard
 
 _logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pnm")
-KNOWN_EXTENSIONS: frozenset[str] = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
-_BLOCK = tarfile.BLOCKSIZE  # 512
-
-
-@dataclass(frozen=True)
-class Member:
-    """One regular file inside a shard."""
-
-    name: str  # full member name
-    key: str | None  # WebDataset __key__ (None: the name has no dot)
-    ext: str | None  # extension after the first dot of the file name, case kept
-    offset: int  # byte offset of the member's data in the tar
-    size: int  # data size in bytes
-
-    @property
-    def recognised(self) -> bool:
-        """True if the extension is one this project reads (exact, lower-case; ``docs/data.md``)."""
-        return self.ext is not None and self.ext in KNOWN_EXTENSIONS
-
-
-@dataclass
-class ShardScan:
-    """The headers of one shard. ``members`` holds only complete members (their data lies inside the file)."""
-
-    path: str
-    members: list[Member] = field(default_factory=list)
-    size_bytes: int = 0
-    truncated: bool = False  # the file ends early or has a corrupt header: the tail is lost
-    error: str = ""  # why the shard is truncated or unreadable
-    unreadable: bool = False  # not a tar at all / cannot be opened
-
-
-def _is_meta(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return base.startswith("__") and base.endswith("__")
-
-
-def scan_shard(path: str) -> ShardScan:
-    """Read a shard's tar headers (not its data) and detect truncation.
-
-    Args:
-        path: an uncompressed ``.tar`` file.
-    Returns:
-        A :class:`ShardScan`. A truncated shard lists the members that are complete; ``truncated`` and ``error`` say
-        what was wrong. An unreadable file has ``unreadable`` set and no members.
-    """
-    scan = ShardScan(path=path)
-    try:
-        scan.size_bytes = os.path.getsize(path)
-        tf = tarfile.open(path, mode="r:")
-    except (OSError, tarfile.TarError) as err:
-        scan.unreadable = True
-        scan.error = f"not an uncompressed tar or cannot be opened: {type(err).__name__}: {err}"
-        return scan
-    with tf:
-        try:
-            for info in tf:
-                if info.offset_data + info.size > scan.size_bytes:
-                    scan.truncated = True
-                    scan.error = (
-                        f"member {info.name!r} needs {info.size} bytes at {info.offset_data}, file has "
-                        f"{scan.size_bytes}"
-                    )
-                    break
-                if not info.isreg() or _is_meta(info.name):
-                    continue
-                key, ext = base_plus_ext(info.name)
-                scan.members.append(Member(info.name, key, ext, info.offset_data, info.size))
-        except (tarfile.TarError, EOFError, OSError) as err:
-            scan.truncated = True
-            scan.error = f"tar read error after {len(scan.members)} members: {type(err).__name__}: {err}"
-        if not scan.truncated:
-            # A complete tar ends with zero blocks where tarfile stopped; a cut at a member boundary or a corrupt
-            # header leaves no zero block there (tarfile itself stops silently in both cases).
-            tf.fileobj.seek(tf.offset)
-            block = tf.fileobj.read(_BLOCK)
-            if len(block) < _BLOCK or block.count(0) != _BLOCK:
-                scan.truncated = True
-                what = "no end-of-archive block" if len(block) < _BLOCK else "corrupt tar header"
-                scan.error = f"{what} at byte {tf.offset} of {scan.size_bytes}"
-    return scan
-
-
-def read_member(path: str, member: Member) -> bytes:
-    """The data bytes of one member (seek + read)."""
-    with open(path, "rb") as f:
-        f.seek(member.offset)
-        return f.read(member.size)
 
 
 @dataclass(frozen=True)
@@ -130,14 +31,12 @@ class ShardIndex:
     process (safe to use from DataLoader workers after fork).
 
     Args:
-        shards: shard paths, globs or brace patterns (see :func:`mcad_cache.data.webdataset.expand_shards`).
+        shards: shard paths, globs or brace patterns (see :func:`mcad_cache.data.tar.expand_shards`).
     Raises:
         ValueError: no shard matches the patterns.
     """
 
     def __init__(self, shards: str | Iterable[str]) -> None:
-        from mcad_cache.data.webdataset import expand_shards  # local: webdataset.py imports this module
-
         self.shards: list[str] = expand_shards(shards)
         self._entries: dict[str, IndexEntry] = {}
         self.duplicates: list[tuple[str, str]] = []  # (key, shard) of ignored later occurrences

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcad_cache.data.decode import DecodePolicy
-from mcad_cache.data.index import KNOWN_EXTENSIONS, scan_shard
 from mcad_cache.data.skips import SKIP_REASONS
-from mcad_cache.data.webdataset import _group_members, expand_shards, iter_shard_samples
+from mcad_cache.data.tar import KNOWN_EXTENSIONS, expand_shards, group_members, scan_shard
+from mcad_cache.data.webdataset import iter_shard_samples
 from mcad_cache.progress import no_progress
 
 MAX_LISTED = 20  # problems listed per kind; counts stay exact
@@ -111,7 +111,7 @@ def verify_shards(
             truncated=scan.truncated or scan.unreadable,
             error=scan.error,
         )
-        order, _, unrecognised = _group_members(scan)
+        order, _, unrecognised = group_members(scan)
         cut = 1 if summary.truncated else 0
         summary.last_good_key = order[-1 - cut] if len(order) > cut else None
         for m in unrecognised:

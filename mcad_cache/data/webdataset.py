@@ -2,7 +2,7 @@
 
 A sample is one image plus 1..n captions under one ``__key__`` (``docs/data.md``). Reading a shard:
 
-1. :func:`mcad_cache.data.index.scan_shard` reads the tar headers and detects truncation.
+1. :func:`mcad_cache.data.tar.scan_shard` reads the tar headers and detects truncation.
 2. Members are grouped by key. A key whose members are not adjacent is a ``split_sample``; a key with a repeated
    extension, or seen in an earlier shard, is a ``duplicate_key``; the sample at a truncation point is
    ``truncated_shard``. Such samples are dropped whole (never half a sample).
@@ -14,23 +14,28 @@ counts survive DataLoader workers and end up in :class:`SkipReport` and the run 
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import braceexpand
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mcad_cache.data.captions import CAPTION_EXTENSIONS, parse_captions
 from mcad_cache.data.decode import DecodePolicy, decode_image_with_header, probe_image
-from mcad_cache.data.index import IMAGE_EXTENSIONS, Member, ShardScan, read_member, scan_shard
 from mcad_cache.data.skips import SKIP_REASONS, SampleSkip
+from mcad_cache.data.tar import (
+    IMAGE_EXTENSIONS,
+    Member,
+    ShardScan,
+    expand_shards,
+    group_members,
+    read_member,
+    scan_shard,
+)
 from mcad_cache.errors import DataError
 
 __all__ = [
@@ -46,36 +51,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-
-def expand_shards(patterns: str | Iterable[str]) -> list[str]:
-    """Expand shard arguments (paths, globs, brace patterns like ``shard-{000000..000009}.tar``, folders) to paths.
-
-    Brace patterns are expanded with ``braceexpand`` (as WebDataset does), then each result is globbed; a folder
-    stands for the ``*.tar`` files directly inside it; paths that do not exist are ignored.
-
-    Args:
-        patterns: one pattern or several.
-    Returns:
-        Sorted, de-duplicated list of existing file paths.
-    Raises:
-        ValueError: if nothing matches (the message lists the patterns).
-    """
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [patterns]
-    patterns = [os.fspath(p) for p in patterns]
-    found: set[str] = set()
-    for pattern in patterns:
-        for expanded in braceexpand.braceexpand(pattern):
-            matches = glob.glob(expanded) if glob.has_magic(expanded) else [expanded]
-            for m in matches:
-                if os.path.isdir(m):  # a folder stands for the .tar files directly inside it
-                    found.update(os.path.join(m, f) for f in os.listdir(m) if f.endswith(".tar"))
-                elif os.path.isfile(m):
-                    found.add(m)
-    if not found:
-        raise ValueError(f"no shard files match {patterns}")
-    return sorted(found)
 
 
 @dataclass
@@ -103,29 +78,6 @@ class Sample:
 
 def _skipped(key: str, shard: str, reason: str, detail: str) -> Sample:
     return Sample(key=key, shard=shard, image=None, captions=[], skip=reason, detail=detail)
-
-
-def _group_members(scan: ShardScan) -> tuple[list[str], dict[str, list[list[Member]]], list[Member]]:
-    """Keys in order of first appearance, the runs (adjacent member groups) of each key, unrecognised members."""
-    order: list[str] = []
-    runs: dict[str, list[list[Member]]] = {}
-    unrecognised: list[Member] = []
-    previous: str | None = None
-    for m in scan.members:
-        if m.key is None:
-            unrecognised.append(m)
-            continue
-        if not m.recognised:
-            unrecognised.append(m)
-        if m.key not in runs:
-            order.append(m.key)
-            runs[m.key] = [[m]]
-        elif m.key == previous:
-            runs[m.key][-1].append(m)
-        else:
-            runs[m.key].append([m])
-        previous = m.key
-    return order, runs, unrecognised
 
 
 def _structure_problem(key_runs: list[list[Member]]) -> tuple[str, str] | None:
@@ -176,7 +128,7 @@ def iter_shard_samples(
     """Samples of one scanned shard, skipped ones included (never raises for bad data).
 
     Args:
-        scan: the shard's headers from :func:`mcad_cache.data.index.scan_shard`.
+        scan: the shard's headers from :func:`mcad_cache.data.tar.scan_shard`.
         policy: decode policy.
         decode_images: decode to RGB (True) or return the encoded bytes (False).
         key_owner: the shard that owns each key (first occurrence wins). A mutable dict is updated as shards are
@@ -186,7 +138,7 @@ def iter_shard_samples(
     if scan.unreadable:
         yield _skipped("", shard, "unreadable_shard", scan.error)
         return
-    order, runs, _ = _group_members(scan)
+    order, runs, _ = group_members(scan)
     cut_key = order[-1] if scan.truncated and order else None
     for key in order:
         owner = key_owner.get(key, shard) if key_owner is not None else shard
