@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcad_cache.runtime import resolve_device  # the one device rule; benchmarks call C.resolve_device
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / ".work" / "benchmarks"
 
@@ -61,13 +63,6 @@ def machine_info() -> dict[str, Any]:
         "load_average_1_5_15": load,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def sync(device: torch.device) -> None:
@@ -596,8 +591,8 @@ class TimedCall:
 
 
 class DistillSetup:
-    """A student, its MCAD and contrastive loss modules and optimisers, a ``TargetJoiner`` on the caches and the
-    training stream, wired exactly as ``pipelines.distill.run`` wires them (public functions only)."""
+    """A distillation run wired by ``mcad_cache.distill.create_distill`` (the pipeline's own factory), plus a second,
+    contrastive loss module and optimiser on the same student for the comparison steps."""
 
     def __init__(
         self,
@@ -612,41 +607,27 @@ class DistillSetup:
         seed: int = 0,
         preset_name: str = "mcad",
     ) -> None:
-        from mcad_cache.data.decode import DecodePolicy
-        from mcad_cache.data.transforms import make_image_transform
-        from mcad_cache.data.webdataset import SkipReport
-        from mcad_cache.losses import MCADLoss, preset
-        from mcad_cache.pipelines.distill import EpochStream, open_caches
-        from mcad_cache.student import create_student
-        from mcad_cache.targets import CandidateImages, TargetJoiner
-        from mcad_cache.train import create_optimizer, create_scheduler
+        from mcad_cache.config import DistillConfig
+        from mcad_cache.distill import create_distill, create_loss_module, create_optimizer
+        from mcad_cache.losses import preset
+        from mcad_cache.schedules import create_warmup_cosine
 
         self.device, self.batch_size, self.k, self.seed = device, batch_size, k, seed
-        self.clip, self.single = open_caches(cache_paths, shards=shards)
-        torch.manual_seed(seed)
-        self.model = create_student(student).to(device)
+        config = DistillConfig(
+            cache=tuple(cache_paths), data=tuple(shards), student=student, preset=preset_name, k=k,
+            batch_size=batch_size, steps=10_000, lr=1e-5, weight_decay=0.05, warmup_steps=0, workers=workers,
+            device=str(device), seed=seed, shuffle_buffer=256,
+        )  # fmt: skip
+        self.run = create_distill(config, wrap_candidate_images=TimedCall)
+        self.clip, self.single, self.model = self.run.clip, self.run.single, self.run.model
         self.num_params = int(sum(p.numel() for p in self.model.parameters()))
-        dims = {
-            "student_dim": self.model.embed_dim,
-            "student_image_feat_dim": self.model.image_feat_dim,
-            "student_text_feat_dim": self.model.text_feat_dim,
-            "clip_dim": self.clip.layout.emb_dim,
-            "fused_dim": self.single.layout.fused_dim or None,
-        }
-        self.mcad_config = preset(preset_name)
-        self.mcad_loss = MCADLoss(self.mcad_config, **dims).to(device)
-        self.con_loss = MCADLoss(preset("contrastive"), **dims).to(device)
-        self.opt_mcad = create_optimizer([self.model, self.mcad_loss], lr=1e-5, weight_decay=0.05)
+        self.mcad_config = self.run.loss_config
+        self.mcad_loss, self.opt_mcad, self.sched_mcad = self.run.loss_module, self.run.optimizer, self.run.scheduler
+        self.con_loss = create_loss_module(preset("contrastive"), model=self.model, clip=self.clip, single=self.single)
         self.opt_con = create_optimizer([self.model, self.con_loss], lr=1e-5, weight_decay=0.05)
-        self.sched_mcad = create_scheduler(self.opt_mcad, warmup_steps=0, total_steps=10_000)
-        self.sched_con = create_scheduler(self.opt_con, warmup_steps=0, total_steps=10_000)
-        transform = make_image_transform(self.model.preprocess_cfg)
-        policy = DecodePolicy()
-        self.candidate_images = TimedCall(CandidateImages(shards, transform=transform, policy=policy))
-        self.joiner = TargetJoiner(clip=self.clip, single=self.single, loss_config=self.mcad_config, k=k,
-                                   candidate_images=self.candidate_images)  # fmt: skip
-        self.stream = EpochStream(shards, transform=transform, policy=policy, batch_size=batch_size, workers=workers,
-                                  seed=seed, shuffle_buffer=256, report=SkipReport())  # fmt: skip
+        self.sched_con = create_warmup_cosine(self.opt_con, warmup_steps=0, total_steps=10_000)
+        self.candidate_images = self.run.joiner.candidate_images
+        self.joiner, self.stream = self.run.joiner, self.run.stream
 
     def raw_batches(self, n: int) -> list[dict[str, Any]]:
         """The first ``n`` collated stream batches of epoch 0 (``n`` <= batches per epoch)."""
@@ -660,21 +641,18 @@ class DistillSetup:
         return out
 
     def join(self, raw: Mapping[str, Any], step: int) -> Any:
-        from mcad_cache.train import step_generator
-
-        return self.joiner(raw, generator=step_generator(self.seed, step))
+        return self.run.join(dict(raw), step)
 
     def step(self, batch: Any, *, which: str, step: int) -> dict[str, float]:
         """One optimiser step with the MCAD (``which="mcad"``) or contrastive loss module on a ``DistillBatch``."""
-        from mcad_cache.targets import distill_forward
-        from mcad_cache.train import train_step
+        from mcad_cache.distill import train_step
 
         loss, opt, sched = (
             (self.mcad_loss, self.opt_mcad, self.sched_mcad)
             if which == "mcad"
             else (self.con_loss, self.opt_con, self.sched_con)
         )
-        out = train_step(self.model, loss, batch, forward=distill_forward, optimizer=opt, scheduler=sched, step=step,
+        out = train_step(self.model, loss, batch, forward=self.run.forward, optimizer=opt, scheduler=sched, step=step,
                          keys=batch.keys, grad_clip=1.0, device=self.device, precision="auto")  # fmt: skip
         sync(self.device)
         return out
@@ -682,8 +660,8 @@ class DistillSetup:
 
 def anchors_only(batch: Any) -> Any:
     """The same anchors (B images, B captions) without candidates or teacher targets: a plain contrastive batch."""
+    from mcad_cache.distill import DistillBatch
     from mcad_cache.losses import TeacherTargets
-    from mcad_cache.targets import DistillBatch
 
     b = batch.num_pairs
     return DistillBatch(keys=batch.keys, images=batch.images, texts=batch.texts[:b], extra_images=None,

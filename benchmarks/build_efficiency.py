@@ -23,7 +23,6 @@ import argparse
 import shutil
 import statistics
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+
+from mcad_cache.runtime import autocast, resolve_precision  # noqa: E402
 
 NAME = "build_efficiency"
 TARGET = 0.9
@@ -58,12 +59,6 @@ TEACHER_FIELDS = (
 )
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def predecode(shards: list[str], teacher: Any) -> tuple[torch.Tensor, list[str]]:
     """Every sample's image through the teacher's own transform [N, 3, H, W] and its captions (flattened)."""
     from mcad_cache.data import iter_samples
@@ -81,7 +76,7 @@ def predecode(shards: list[str], teacher: Any) -> tuple[torch.Tensor, list[str]]
 def bare_clip(teacher: Any, images: torch.Tensor, tokens: list[dict[str, torch.Tensor]], *, batch_size: int,
               device: torch.device, precision: str) -> None:  # fmt: skip
     """Image tower on every image, text tower on every caption batch (inputs already in memory)."""
-    with _autocast(device, precision):
+    with autocast(device, precision):
         for s in range(0, images.shape[0], batch_size):
             teacher.encode_image(images[s : s + batch_size].to(device))
         for tok in tokens:
@@ -93,7 +88,7 @@ def bare_albef(teacher: Any, images: torch.Tensor, tokens: list[dict[str, torch.
                batch_size: int, k: int, device: torch.device, precision: str) -> int:  # fmt: skip
     """The minimal single-stream work: ViT once per image, text encoder once per caption, top-k by ITC, fusion + ITM
     once per pair (k per image query, k per caption query). Returns the number of pairs scored."""
-    with _autocast(device, precision):
+    with autocast(device, precision):
         img_tok, img_emb = [], []
         for s in range(0, images.shape[0], batch_size):
             t = teacher.image_tokens(images[s : s + batch_size].to(device))
@@ -121,7 +116,6 @@ def bare_albef(teacher: Any, images: torch.Tensor, tokens: list[dict[str, torch.
 
 def run_teacher(name: str, args: argparse.Namespace, work: Path, device: torch.device) -> dict[str, Any]:
     from mcad_cache.config import BuildConfig
-    from mcad_cache.pipelines.build_cache import resolve_precision
     from mcad_cache.pipelines.build_cache import run as build_run
     from mcad_cache.teachers import create_teacher
 
