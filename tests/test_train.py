@@ -20,8 +20,7 @@ from mcad_cache.distill import (
     train_loop,
 )
 from mcad_cache.errors import CheckpointError, NonFiniteError
-from mcad_cache.schedules import create_warmup_cosine as create_scheduler
-from mcad_cache.schedules import warmup_cosine
+from mcad_cache.schedules import create_warmup_cosine, warmup_cosine
 
 
 class Toy(nn.Module):
@@ -60,7 +59,7 @@ def make(seed=0, total=13):
     torch.manual_seed(seed)
     model, loss_module = Toy(), ToyLoss()
     opt = create_optimizer([model, loss_module], lr=1e-2, weight_decay=0.1)
-    sched = create_scheduler(opt, warmup_steps=3, total_steps=total)
+    sched = create_warmup_cosine(opt, warmup_steps=3, total_steps=total)
     return model, loss_module, opt, sched
 
 
