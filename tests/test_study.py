@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from mcad_cache.metrics import METRIC_KEYS
@@ -216,3 +217,107 @@ def test_mde_sentence_says_what_would_reach_the_target(tmp_path):
     assert not summary["mde"]["met"]
     assert f"about {summary['mde']['seeds_needed']} paired seeds" in study_markdown(summary)
     assert summary["headline"][1] == "mcad vs a single-teacher preset: none in this study"
+
+
+# ---- the study pipeline on tiny shards and real (fake-teacher) caches ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_study_data(tmp_path_factory):
+    import fake_teacher  # noqa: F401  (registers the "fake" teacher)
+    from distill_fixtures import make_shards
+
+    from mcad_cache.config import BuildConfig
+    from mcad_cache.pipelines import build_cache
+
+    root = tmp_path_factory.mktemp("study_data")
+    train = make_shards(root / "train", num_samples=12, per_shard=6)
+    test = make_shards(root / "test", num_samples=6, per_shard=6, prefix="t")
+    caches = []
+    for name, extra in (("clip", {}), ("albef", {"model": "single", "emb_dtype": "fp32"})):
+        out = root / f"{name}.zarr"
+        build_cache.run(
+            BuildConfig(teacher="fake", data=tuple(train), out=str(out), k=4, batch_size=6, workers=0, device="cpu",
+                        **extra)
+        )  # fmt: skip
+        caches.append(str(out))
+    return {"train": train, "test": test, "caches": caches}
+
+
+def _study_config(data, out, **kw):
+    from mcad_cache.pipelines.study import StudyConfig
+
+    base = dict(
+        cache=tuple(data["caches"]), data=tuple(data["train"]), test=tuple(data["test"]), out=str(out),
+        presets=("contrastive", "clip-kd", "mcad"), seeds=2, single_teacher=("clip-kd",), student="tiny", k=3,
+        batch_size=4, steps=2, warmup_steps=1, workers=0, shuffle_buffer=5, log_every=1, device="cpu",
+    )  # fmt: skip
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+def test_same_seed_same_init_and_batch_keys_in_every_preset(tiny_study_data, tmp_path):
+    """Pairing: the library factory gives one seed the same student init and the same batch keys (and anchor
+    captions) whatever the preset; another seed changes them."""
+    from mcad_cache.distill import create_distill
+    from mcad_cache.pipelines.study import distill_config
+
+    def keys_and_init(preset, seed):
+        d = create_distill(distill_config(_study_config(tiny_study_data, tmp_path), preset=preset, seed=seed, out="x"))
+        batches = []
+        for epoch in range(2):
+            for raw in d.stream(epoch):
+                batch, keys, _ = d.prepare(raw, len(batches) + 1)
+                if batch is not None:
+                    anchors = batch.texts[: len(keys)]  # DistillBatch: the B anchor captions come first
+                    batches.append((keys, anchors, float(batch.images.double().sum())))
+        return batches, {k: v.clone() for k, v in d.model.state_dict().items()}
+
+    ref_batches, ref_init = keys_and_init("contrastive", 0)
+    assert len(ref_batches) >= 4
+    for preset in ("clip-kd", "single-topk", "mcad"):
+        batches, init = keys_and_init(preset, 0)
+        assert batches == ref_batches, preset
+        assert init.keys() == ref_init.keys() and all(torch.equal(init[k], ref_init[k]) for k in init), preset
+    other_batches, other_init = keys_and_init("mcad", 1)
+    assert other_batches != ref_batches
+    assert not all(torch.equal(other_init[k], ref_init[k]) for k in other_init)
+
+
+def test_study_pipeline_runs_reports_and_resumes(tiny_study_data, tmp_path):
+    from mcad_cache.pipelines import study
+
+    summary = study.run(_study_config(tiny_study_data, tmp_path / "s"))
+    assert len(summary["runs"]) == 6 and not any(r["reused"] for r in summary["runs"])
+    run_dir = tmp_path / "s" / "runs" / "mcad" / "seed-1"
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved["metrics"]["rsum"] == pytest.approx(summary["presets"]["mcad"]["metrics"]["rsum"]["by_seed"]["1"])
+    assert saved["protocol"]["num_images"] == 6
+    assert (run_dir / "final" / "student_config.json").is_file()
+    md = (tmp_path / "s" / "study.md").read_text()
+    assert md.splitlines()[2].startswith("- mcad vs contrastive: Δ RSUM = ")
+
+    more = study.run(_study_config(tiny_study_data, tmp_path / "s", seeds=3))
+    assert [(r["preset"], r["seed"]) for r in more["runs"] if not r["reused"]] == [
+        ("contrastive", 2), ("clip-kd", 2), ("mcad", 2)
+    ]  # fmt: skip
+    with pytest.raises(StudyMismatchError, match="steps"):
+        study.run(_study_config(tiny_study_data, tmp_path / "s", steps=3))
+
+
+def test_cli_study(tiny_study_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from mcad_cache.cli.main import app
+
+    common = ["--data", tiny_study_data["train"][0], "--data", tiny_study_data["train"][1]]
+    common += ["--test", tiny_study_data["test"][0], "--out", str(tmp_path / "s")]
+    common += [a for c in tiny_study_data["caches"] for a in ("--cache", c)]
+    res = CliRunner().invoke(app, ["study", *common, "--seeds", "0"])
+    assert res.exit_code == 1 and "--seeds must be >= 1" in res.output and "Traceback" not in res.output
+    args = ["--preset", "contrastive", "--preset", "mcad", "--seeds", "2", "--student", "tiny", "--k", "3"]
+    args += ["--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--workers", "0", "--device", "cpu"]
+    res = CliRunner().invoke(app, ["study", *common, *args])
+    assert res.exit_code == 0, res.output
+    assert "mcad vs contrastive: Δ RSUM = " in res.output
+    assert "mcad vs a single-teacher preset: none in this study" in res.output

@@ -1,0 +1,182 @@
+"""``mcad-cache study``: presets x paired seeds from the same caches, each run evaluated on the test split, then the
+paired statistics and the report (``mcad_cache.study``; docs/study.md in docs/results.md's terms).
+
+Each run is wired by the library factory ``mcad_cache.distill.create_distill`` (the same wiring as ``distill``), so a
+seed fixes the student's initialisation, the shuffle and the per-step anchor captions whatever the preset: the runs
+of one seed are paired. A run writes ``runs/<preset>/seed-<s>/`` (``config.json``, ``metrics.jsonl``,
+``loss_curves.png``, ``final/`` student, ``eval.json``, ``result.json``). A run is short, so it keeps no intermediate
+checkpoints: an interrupted run starts over, finished runs are reused.
+
+The test images are decoded once per study (in the student's own preprocessing) and reused by every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mcad_cache.cache import open_cache
+from mcad_cache.config import DistillConfig, config_to_dict
+from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.data.webdataset import SampleDataset, collate_samples, expand_shards
+from mcad_cache.distill import TrainState, create_distill, train_loop
+from mcad_cache.distill import rundir as rd
+from mcad_cache.errors import ConfigError
+from mcad_cache.eval import encode_retrieval_set, evaluate_dual
+from mcad_cache.progress import ProgressFn, no_progress
+from mcad_cache.study import RunSpec, StudyPlan, run_study, summarise_study, write_study
+from mcad_cache.study.config import StudyConfig
+
+_logger = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+PREFETCH_BATCHES = 2  # batches joined ahead of the step in a background thread (as in `distill`)
+
+
+def plan_of(config: StudyConfig) -> StudyPlan:
+    """The plan: ``config.presets`` x seeds ``0 .. config.seeds - 1``.
+
+    Raises:
+        ConfigError: ``seeds < 1``, or the plan's own checks (duplicates, target / baseline not among the presets).
+    """
+    if config.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (paired seeds 0 .. N-1), got {config.seeds}")
+    return StudyPlan(
+        presets=tuple(config.presets),
+        seeds=tuple(range(config.seeds)),
+        target=config.target,
+        baseline=config.baseline,
+        single_teacher=tuple(config.single_teacher),
+    )
+
+
+def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str) -> DistillConfig:
+    """The ``DistillConfig`` of one run: the study's shared settings plus the preset, the paired seed and the folder."""
+    return DistillConfig(
+        cache=tuple(config.cache), data=tuple(config.data), out=out, student=config.student, preset=preset,
+        k=config.k, batch_size=config.batch_size, steps=config.steps, lr=config.lr,
+        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
+        workers=config.workers, device=config.device, precision=config.precision, seed=seed,
+        shuffle_buffer=config.shuffle_buffer, log_every=config.log_every, resume=False, threads=config.threads,
+        loss=dict(config.loss),
+    )  # fmt: skip
+
+
+def study_context(config: StudyConfig) -> dict[str, Any]:
+    """What every run of the study shares: the caches' fingerprints, the shards (names and sizes) and every training
+    and evaluation setting that changes results. A study folder refuses runs made with another context."""
+    shared = config_to_dict(config)
+    for name in ("out", "presets", "seeds", "target", "baseline", "single_teacher", "target_mde", "workers", "threads"):
+        shared.pop(name)  # plan and report choices, or settings that do not change the results
+    shards = {
+        name: [(p, Path(p).stat().st_size) for p in expand_shards(getattr(config, name))] for name in ("data", "test")
+    }
+    caches = [open_cache(p).fingerprint for p in config.cache]
+    return {"settings": shared, "shards": shards, "caches": caches}
+
+
+class TestSet:
+    """The test shards decoded once, in the students' preprocessing, for every run's evaluation."""
+
+    def __init__(self, shards: list[str], *, batch_size: int, workers: int) -> None:
+        self.shards, self.batch_size, self.workers = shards, batch_size, workers
+        self._batches: list[dict[str, Any]] | None = None
+        self._preprocess: dict[str, Any] | None = None
+
+    def batches(self, preprocess_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+        """Collated test batches (``data.collate_samples``) in ``preprocess_cfg``; decoded on the first call."""
+        if self._batches is None or self._preprocess != preprocess_cfg:
+            ds = SampleDataset(self.shards, image_transform=make_image_transform(preprocess_cfg))
+            loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_samples)
+            self._batches, self._preprocess = list(loader), dict(preprocess_cfg)
+        return self._batches
+
+
+def train_and_evaluate(config: DistillConfig, test: TestSet) -> dict[str, Any]:
+    """One study run: train with the library wiring (no intermediate checkpoints), save ``final/``, evaluate on the
+    test set. Returns the test metrics (percent) plus ``final_logit_scale``, ``steps`` and ``train_s``.
+
+    Raises:
+        What ``create_distill`` and ``train_loop`` raise (bad config, caches, non-finite loss); DataError: an
+        unreadable test sample.
+    """
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(config.out)
+    d = create_distill(config)
+    rd.reset_metrics(run_dir)
+    rd.write_config(run_dir, d.resolved)
+
+    def on_log(values: dict[str, Any]) -> None:
+        logit_scale = float(d.model.logit_scale.detach())
+        rd.append_metrics(run_dir, {**values, **d.loss_module.diagnostics(), "logit_scale": logit_scale})
+
+    t0 = time.perf_counter()
+    state = train_loop(
+        d.model, d.loss_module, batches_for_epoch=d.stream, prepare=d.prepare, forward=d.forward,
+        optimizer=d.optimizer, scheduler=d.scheduler, state=TrainState(), total_steps=d.total_steps,
+        grad_clip=config.grad_clip, precision=config.precision, device=d.device, log_every=config.log_every,
+        on_log=on_log, prefetch=PREFETCH_BATCHES,
+    )  # fmt: skip
+    train_s = time.perf_counter() - t0
+    rd.save_final(run_dir, model=d.model, loss_module=d.loss_module)
+    rd.plot_curves(run_dir / rd.METRICS_FILE, run_dir / rd.CURVES_FILE)
+    model = d.model.eval()
+    rs = encode_retrieval_set(model, test.batches(model.preprocess_cfg), precision=config.precision)
+    result = evaluate_dual(rs)
+    (run_dir / EVAL_FILE).write_text(json.dumps({**result, "model": str(run_dir)}, indent=2) + "\n")
+    return {
+        **result["metrics"],
+        "final_logit_scale": float(model.logit_scale.detach()),
+        "steps": state.step,
+        "train_s": train_s,
+        "num_test_images": result["protocol"]["num_images"],
+    }
+
+
+def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str, Any]:
+    """Run (or resume) the study and write its report; see the module docstring.
+
+    Returns:
+        The summary (``mcad_cache.study.summarise_study``) plus ``"report"`` (written paths) and ``"wall_s"``.
+    Raises:
+        ConfigError: no caches / data / test shards, bad seeds or presets; StudyMismatchError: ``out`` holds runs made
+        with other settings; what each run raises (finished runs stay recorded, a rerun resumes).
+    """
+    for name in ("data", "test"):
+        if not getattr(config, name):
+            raise ConfigError(f"study: --{name} is required (shards, globs or a folder)")
+    plan = plan_of(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    t0 = time.perf_counter()
+    test = TestSet(expand_shards(config.test), batch_size=config.eval_batch_size, workers=config.workers)
+
+    def run_one(spec: RunSpec) -> dict[str, Any]:
+        return train_and_evaluate(
+            distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir)), test
+        )
+
+    results = run_study(plan, run_one, out=out, context=study_context(config), progress=progress)
+    summary = summarise_study(plan, results, target_mde=config.target_mde)
+    summary["report"] = write_study(out, summary, title=f"Study: {len(plan.presets)} presets x {config.seeds} seeds")
+    summary["wall_s"] = time.perf_counter() - t0
+    for line in summary["headline"]:
+        _logger.info("%s", line)
+    return summary
+
+
+def with_overrides(config: StudyConfig, **overrides: Any) -> StudyConfig:
+    """``config`` with the non-None ``overrides`` (the demo app's convenience)."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+__all__ = ["EVAL_FILE", "StudyConfig", "TestSet", "distill_config", "plan_of", "run", "study_context"]
