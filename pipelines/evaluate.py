@@ -39,7 +39,7 @@ from mcad_cache.eval import (
 )
 from mcad_cache.metrics import METRIC_KEYS
 from mcad_cache.progress import no_progress
-from mcad_cache.runtime import resolve_device
+from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.student import DualEncoder
 from mcad_cache.teachers import create_teacher, list_teachers
 
@@ -102,6 +102,10 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
     shards = expand_shards(config.data)
     kind, folder = resolve_model_kind(config)
     device = resolve_device(config.device)
+    try:
+        resolve_precision(config.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"--precision: {err}") from err
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if kind == "cache":

@@ -33,7 +33,7 @@ from mcad_cache.distill.step import step_generator
 from mcad_cache.distill.stream import EpochStream
 from mcad_cache.errors import CacheSchemaError, ConfigError
 from mcad_cache.losses import PRESETS, LossConfig, MCADLoss, preset
-from mcad_cache.runtime import resolve_device
+from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.schedules import create_warmup_cosine
 from mcad_cache.student import DualEncoder, create_student
 
@@ -137,7 +137,8 @@ def create_distill(
     Returns:
         The :class:`DistillRun`.
     Raises:
-        ConfigError: unknown preset, batch size < 2, too few shards for the ranks and workers, no training step.
+        ConfigError: unknown preset, bad ``--loss`` field, batch size < 2, a precision the device cannot run, too
+            few shards for the ranks and workers, no training step.
         CacheSchemaError: a preset that needs a cache kind that is not given, k above a cache's k.
         CacheNotFoundError / CacheIncompleteError / CacheMismatchError / CacheKeyError: missing, partial or foreign
             caches (readable diff, named keys).
@@ -157,6 +158,10 @@ def create_distill(
             f"{len(shards)} shard(s) for {world_size} ranks x {max(1, config.workers)} workers: every reader needs at "
             "least one shard (a rank without data would leave the others waiting in the gradient all-reduce)"
         )
+    try:
+        resolve_precision(config.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"--precision: {err}") from err
     if world_size > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
     resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
