@@ -3,7 +3,7 @@
 Setup: JPEG WebDataset shards; a CLIP-sized (D=512) and an ALBEF-sized (D=256, fused [CLS] 768, fp16) cache built by
 the real build pipeline with a cheap synthetic teacher (the targets' values do not change the step's cost; their
 sizes do); the default student (``mobilevitv2_tinybert``: MobileViTv2-050 at 256 px + TinyBERT-4L-312) with the
-``mcad`` loss preset, k = 11, wired as ``pipelines.distill.run`` wires them.
+``mcad`` loss preset, k = 11, wired by ``mcad_cache.distill.create_distill`` (the pipeline's factory).
 
 Per repetition (one new stream batch each, interleaved, median of per-repetition ratios):
 
