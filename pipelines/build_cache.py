@@ -66,4 +66,4 @@ def inspect(path: str, *, check: bool = False) -> tuple[dict[str, Any], list[str
     return describe_cache(reader), (check_cache(reader) if check else None)
 
 
-__all__ = ["BuildResult", "inspect", "resolve_precision", "run"]
+__all__ = ["BuildResult", "inspect", "run"]
