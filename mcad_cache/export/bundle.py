@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mcad_cache.data.decode import DecodePolicy
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.export.formats import (
     EXPORT_VERSION,
@@ -30,9 +31,12 @@ from mcad_cache.export.formats import (
 )
 from mcad_cache.export.runtime import ExportedEncoder
 from mcad_cache.export.writers import open_clip_checkpoint, write_encoders
-from mcad_cache.student.model import DualEncoder
+from mcad_cache.hashing import file_sha256
+from mcad_cache.student.model import CONFIG_FILE as STUDENT_CONFIG_FILE
+from mcad_cache.student.model import WEIGHTS_FILE, DualEncoder
 
 PARITY_MIN_COSINE = {"none": 0.9999, "int8": 0.99}  # issue 14's targets
+RUN_FINAL_DIR = "final"  # a distill run directory keeps its student in final/ (docs/distill.md)
 
 
 def export_student(
@@ -138,3 +142,99 @@ def measure_parity(
     }
     result["ok"] = bool(min(result["image_min_cosine"], result["text_min_cosine"]) >= threshold)
     return result
+
+
+class StudentEncoder:
+    """The PyTorch student behind the ``runtime.Encoder`` protocol (index / search / serve given a run directory).
+
+    Attributes:
+        student: the ``DualEncoder`` (eval mode, on ``device``).
+        embed_dim, preprocess_cfg, decode_policy, source: as ``ExportedEncoder``.
+    """
+
+    def __init__(
+        self, student: DualEncoder, *, device: torch.device, decode_policy: dict[str, Any], source: dict[str, Any]
+    ) -> None:
+        self.student = student.to(device).eval()
+        self.device = device
+        self.embed_dim = student.embed_dim
+        self.preprocess_cfg = student.preprocess_cfg
+        self.decode_policy = decode_policy
+        self.source = source
+        self._transform = make_image_transform(self.preprocess_cfg)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """``B`` captions -> ``[B, D]`` float32 text_emb, L2-normalised."""
+        tokens = {k: v.to(self.device) for k, v in self.student.tokenize(list(texts)).items()}
+        with torch.inference_mode():
+            return self.student.encode_text(**tokens).float().cpu().numpy()
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """``B`` decoded RGB images -> ``[B, D]`` float32 image_emb, L2-normalised."""
+        if not images:
+            return np.zeros((0, self.embed_dim), np.float32)
+        batch = torch.stack([self._transform(im) for im in images]).to(self.device)
+        with torch.inference_mode():
+            return self.student.encode_image(batch).float().cpu().numpy()
+
+
+def find_student_folder(path: str | Path) -> Path:
+    """The student checkpoint folder of a run directory (``path/final``) or of a checkpoint folder (``path``).
+
+    Raises:
+        ExportError: neither holds ``student_config.json``.
+    """
+    folder = Path(path)
+    for candidate in (folder / RUN_FINAL_DIR, folder):
+        if (candidate / STUDENT_CONFIG_FILE).is_file():
+            return candidate
+    raise ExportError(
+        f"{folder} is neither a distill run directory (with {RUN_FINAL_DIR}/{STUDENT_CONFIG_FILE}) nor a student "
+        f"checkpoint folder (with {STUDENT_CONFIG_FILE}); pass the --out folder of `mcad-cache distill`"
+    )
+
+
+def run_provenance(student_folder: Path) -> dict[str, Any]:
+    """What an export or index records about where its student came from: the checkpoint folder and the sha256 of
+    its weights, and, for a run directory, the run's caches, data, student and preset (from its ``config.json``) and
+    its step count (``summary.json``)."""
+    run_dir = student_folder.parent if student_folder.name == RUN_FINAL_DIR else student_folder
+    out: dict[str, Any] = {
+        "kind": "run",
+        "checkpoint": str(student_folder.resolve()),
+        "weights_sha256": file_sha256(student_folder / WEIGHTS_FILE),
+    }
+    config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        out["run_dir"] = str(run_dir.resolve())
+        out |= {key: config[key] for key in ("cache", "data", "student", "preset", "seed") if key in config}
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        out |= {key: summary[key] for key in ("steps", "caches") if key in summary}
+    return out
+
+
+def open_encoder(
+    path: str | Path, *, threads: int = 1, device: torch.device | None = None
+) -> ExportedEncoder | StudentEncoder:
+    """An encoder for index / search / serve: an export folder (``manifest.json``) runs its exported files; a run
+    directory or student checkpoint runs the PyTorch student on ``device`` (default CPU).
+
+    Raises:
+        ExportError: ``path`` is none of these, or an export format that is not run here.
+        FormatUnavailableError: the export's runtime package is missing.
+    """
+    folder = Path(path)
+    if (folder / MANIFEST_FILE).is_file():
+        return ExportedEncoder(folder, threads=threads)
+    student_folder = find_student_folder(folder)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    student = DualEncoder.load(student_folder)
+    return StudentEncoder(
+        student,
+        device=device or torch.device("cpu"),
+        decode_policy=DecodePolicy().to_dict(),
+        source=run_provenance(student_folder),
+    )
