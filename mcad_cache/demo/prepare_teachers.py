@@ -62,6 +62,7 @@ from mcad_cache.demo.training import (
     torch_threads,
     tune_albef,
 )
+from mcad_cache.errors import ConfigError
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device
 from mcad_cache.teachers import create_teacher
@@ -78,9 +79,9 @@ def _resolve_run_config(config: TeachersConfig | None, **overrides: Any) -> Teac
     if overrides:
         config = dataclasses.replace(config, **overrides)
     if config.dual_mode not in DUAL_MODES:
-        raise ValueError(f"dual_mode must be one of {DUAL_MODES}, got {config.dual_mode!r}")
+        raise ConfigError(f"dual_mode must be one of {DUAL_MODES}, got {config.dual_mode!r}")
     if config.image_size_px < 32 or config.embed_dim < 1 or config.fusion_layers < 1:
-        raise ValueError("need image_size_px >= 32, embed_dim >= 1, fusion_layers >= 1")
+        raise ConfigError("need image_size_px >= 32, embed_dim >= 1, fusion_layers >= 1")
     return config
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mcad_cache.constants import ALBEF_MEAN, ALBEF_STD
-from mcad_cache.errors import CheckpointError, InputPathError
+from mcad_cache.errors import CheckpointError, ConfigError, InputPathError
 from mcad_cache.hashing import vocab_sha256
 from mcad_cache.teachers import register_teacher
 from mcad_cache.teachers.albef_model import AlbefConfig, AlbefModel
@@ -441,7 +441,7 @@ def create_albef_teacher(
         ValueError: an invalid config, or a tokenizer vocabulary larger than the config's ``vocab_size``.
     """
     if model is not None and config is not None and model != config:
-        raise ValueError(f"give model= or config=, not both (got model={model!r}, config={config!r})")
+        raise ConfigError(f"give model= or config=, not both (got model={model!r}, config={config!r})")
     spec = model if model is not None else config if config is not None else "base"
     cfg_dict, _ = resolve_config("albef", spec)
     cfg = AlbefConfig.from_dict(cfg_dict)

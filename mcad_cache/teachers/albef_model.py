@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from mcad_cache.errors import ConfigError
+
 _ACTIVATIONS = {
     "gelu": partial(F.gelu, approximate="none"),
     "gelu_new": partial(F.gelu, approximate="tanh"),
@@ -81,38 +83,38 @@ class AlbefConfig:
             bert.pop(k, None)
         unknown = sorted((set(flat) | set(bert)) - names)
         if unknown:
-            raise ValueError(f"unknown ALBEF config keys {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"unknown ALBEF config keys {unknown}; known: {sorted(names)}")
         for k in ("image_mean", "image_std"):
             if flat.get(k) is not None:
                 flat[k] = tuple(float(v) for v in flat[k])
         cfg = cls(**{**flat, **bert})
         if encoder_width is not None and int(encoder_width) != cfg.vision_width:
-            raise ValueError(f"bert.encoder_width {encoder_width} != vision_width {cfg.vision_width}")
+            raise ConfigError(f"bert.encoder_width {encoder_width} != vision_width {cfg.vision_width}")
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         """Raises ValueError on sizes that cannot form a model."""
         if self.vision_encoder not in ("vit", "timm_cnn"):
-            raise ValueError(f"vision_encoder must be 'vit' or 'timm_cnn', got {self.vision_encoder!r}")
+            raise ConfigError(f"vision_encoder must be 'vit' or 'timm_cnn', got {self.vision_encoder!r}")
         if self.vision_encoder == "timm_cnn" and not self.timm_model_name:
-            raise ValueError("vision_encoder 'timm_cnn' needs timm_model_name")
+            raise ConfigError("vision_encoder 'timm_cnn' needs timm_model_name")
         for k in ("image_mean", "image_std"):
             v = getattr(self, k)
             if v is not None and len(v) != 3:
-                raise ValueError(f"{k} must be 3 numbers, got {v!r}")
+                raise ConfigError(f"{k} must be 3 numbers, got {v!r}")
         if self.vision_encoder == "vit" and self.image_res % self.patch_size:
-            raise ValueError(f"image_res {self.image_res} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"image_res {self.image_res} is not a multiple of patch_size {self.patch_size}")
         if (self.vision_encoder == "vit" and self.vision_width % self.vision_heads) or (
             self.hidden_size % self.num_attention_heads
         ):
-            raise ValueError("widths must be multiples of their head counts")
+            raise ConfigError("widths must be multiples of their head counts")
         if not 0 <= self.fusion_layer <= self.num_hidden_layers:
-            raise ValueError(f"fusion_layer {self.fusion_layer} outside [0, {self.num_hidden_layers}]")
+            raise ConfigError(f"fusion_layer {self.fusion_layer} outside [0, {self.num_hidden_layers}]")
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}")
+            raise ConfigError(f"hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}")
         if self.max_length > self.max_position_embeddings:
-            raise ValueError(f"max_length {self.max_length} > max_position_embeddings {self.max_position_embeddings}")
+            raise ConfigError(f"max_length {self.max_length} > max_position_embeddings {self.max_position_embeddings}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
