@@ -249,7 +249,8 @@ def _study_config(data, out, **kw):
 
     base = dict(
         cache=tuple(data["caches"]), data=tuple(data["train"]), test=tuple(data["test"]), out=str(out),
-        presets=("contrastive", "clip-kd", "mcad"), seeds=2, single_teacher=("clip-kd",), student="tiny", k=3,
+        presets=("contrastive", "clip-kd", "mcad-online"), seeds=2, single_teacher=("clip-kd",), target="mcad-online",
+        student="tiny", k=3,
         batch_size=4, steps=2, warmup_steps=1, workers=0, shuffle_buffer=5, log_every=1, device="cpu",
     )  # fmt: skip
     base.update(kw)
@@ -275,11 +276,11 @@ def test_same_seed_same_init_and_batch_keys_in_every_preset(tiny_study_data, tmp
 
     ref_batches, ref_init = keys_and_init("contrastive", 0)
     assert len(ref_batches) >= 4
-    for preset in ("clip-kd", "single-topk", "mcad"):
+    for preset in ("clip-kd", "single-topk", "mcad-online"):
         batches, init = keys_and_init(preset, 0)
         assert batches == ref_batches, preset
         assert init.keys() == ref_init.keys() and all(torch.equal(init[k], ref_init[k]) for k in init), preset
-    other_batches, other_init = keys_and_init("mcad", 1)
+    other_batches, other_init = keys_and_init("mcad-online", 1)
     assert other_batches != ref_batches
     assert not all(torch.equal(other_init[k], ref_init[k]) for k in other_init)
 
@@ -289,17 +290,19 @@ def test_study_pipeline_runs_reports_and_resumes(tiny_study_data, tmp_path):
 
     summary = study.run(_study_config(tiny_study_data, tmp_path / "s"))
     assert len(summary["runs"]) == 6 and not any(r["reused"] for r in summary["runs"])
-    run_dir = tmp_path / "s" / "runs" / "mcad" / "seed-1"
+    run_dir = tmp_path / "s" / "runs" / "mcad-online" / "seed-1"
     saved = json.loads((run_dir / "eval.json").read_text())
-    assert saved["metrics"]["rsum"] == pytest.approx(summary["presets"]["mcad"]["metrics"]["rsum"]["by_seed"]["1"])
+    assert saved["metrics"]["rsum"] == pytest.approx(
+        summary["presets"]["mcad-online"]["metrics"]["rsum"]["by_seed"]["1"]
+    )
     assert saved["protocol"]["num_images"] == 6
     assert (run_dir / "final" / "student_config.json").is_file()
     md = (tmp_path / "s" / "study.md").read_text()
-    assert md.splitlines()[2].startswith("- mcad vs contrastive: Δ RSUM = ")
+    assert md.splitlines()[2].startswith("- mcad-online vs contrastive: Δ RSUM = ")
 
     more = study.run(_study_config(tiny_study_data, tmp_path / "s", seeds=3))
     assert [(r["preset"], r["seed"]) for r in more["runs"] if not r["reused"]] == [
-        ("contrastive", 2), ("clip-kd", 2), ("mcad", 2)
+        ("contrastive", 2), ("clip-kd", 2), ("mcad-online", 2)
     ]  # fmt: skip
     with pytest.raises(StudyMismatchError, match="steps"):
         study.run(_study_config(tiny_study_data, tmp_path / "s", steps=3))
@@ -315,9 +318,75 @@ def test_cli_study(tiny_study_data, tmp_path):
     common += [a for c in tiny_study_data["caches"] for a in ("--cache", c)]
     res = CliRunner().invoke(app, ["study", *common, "--seeds", "0"])
     assert res.exit_code == 1 and "--seeds must be >= 1" in res.output and "Traceback" not in res.output
-    args = ["--preset", "contrastive", "--preset", "mcad", "--seeds", "2", "--student", "tiny", "--k", "3"]
+    args = ["--preset", "contrastive", "--preset", "mcad-online", "--target", "mcad-online", "--seeds", "2"]
+    args += ["--student", "tiny", "--k", "3"]
     args += ["--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--workers", "0", "--device", "cpu"]
     res = CliRunner().invoke(app, ["study", *common, *args])
     assert res.exit_code == 0, res.output
-    assert "mcad vs contrastive: Δ RSUM = " in res.output
-    assert "mcad vs a single-teacher preset: none in this study" in res.output
+    assert "mcad-online vs contrastive: Δ RSUM = " in res.output
+    assert "mcad-online vs a single-teacher preset: none in this study" in res.output
+
+
+# ---- frozen-tower students (the demo's fast study path) ---------------------------------------------------------
+
+
+def test_frozen_tower_step_equals_the_image_path(tiny_study_data, tmp_path):
+    """Slow reference vs fast path: on the same batch (same keys, same step generator), the loss terms of the real
+    student on decoded images equal those of its projections on the precomputed tower outputs."""
+    from mcad_cache.distill import create_distill
+    from mcad_cache.pipelines.study import distill_config
+    from mcad_cache.study.frozen import FrozenTowerStudent, encode_frozen
+
+    cfg = distill_config(_study_config(tiny_study_data, tmp_path), preset="mcad-online", seed=0, out="x")
+    d = create_distill(cfg)
+    d.model.eval()
+    table = encode_frozen(d.model, tiny_study_data["train"])
+    raw = next(iter(d.stream(0)))
+    slow = d.forward(d.model, d.loss_module, d.join(raw, 1))
+    student = FrozenTowerStudent(d.model, table)
+    from mcad_cache.distill import TargetJoiner
+
+    fast_run = d.__class__(
+        **{
+            **d.__dict__,
+            "model": student,
+            "joiner": TargetJoiner(
+                clip=d.clip, single=d.single, loss_config=d.loss_config, k=cfg.k, candidate_images=table.images,
+                tokenize=student.tokenize,
+            ),
+        }
+    )  # fmt: skip
+    feature_batch = {"key": raw["key"], "captions": raw["captions"], "image": table.images(raw["key"]), "skipped": []}
+    fast = fast_run.forward(student, d.loss_module, fast_run.join(feature_batch, 1))
+    assert set(fast) == set(slow) and len(slow) > 3
+    for name in slow:
+        assert float(fast[name].detach()) == pytest.approx(float(slow[name].detach()), rel=1e-4, abs=1e-5), name
+
+
+def test_train_frozen_trains_only_the_projections(tiny_study_data, tmp_path):
+    from mcad_cache.pipelines.study import distill_config
+    from mcad_cache.student import create_student
+    from mcad_cache.study.frozen import FeatureStream, encode_frozen, evaluate_frozen, train_frozen
+
+    cfg = distill_config(_study_config(tiny_study_data, tmp_path, steps=3), preset="mcad-online", seed=0, out="x")
+    torch.manual_seed(0)
+    ref = create_student("tiny")
+    table = encode_frozen(ref, tiny_study_data["train"])
+    test = encode_frozen(ref, tiny_study_data["test"])
+    lines = []
+    model, student, state = train_frozen(cfg, train=table, val=test, on_log=lines.append)
+    assert state.step == 3 and [x["step"] for x in lines] == [1, 2, 3] and all("val_rsum" in x for x in lines)
+    after = model.state_dict()
+    for name, value in ref.state_dict().items():
+        changed = not torch.equal(value, after[name])
+        assert changed == (name.startswith(("image_proj", "text_proj")) or name == "log_logit_scale"), name
+    # the saved student is a real DualEncoder: its image path gives the same test recall as the table
+    from mcad_cache.eval import encode_retrieval_set, evaluate_dual
+    from mcad_cache.pipelines.study import TestSet
+
+    batches = TestSet(tiny_study_data["test"], batch_size=4, workers=0).batches(model.preprocess_cfg)
+    assert evaluate_dual(encode_retrieval_set(model, batches))["metrics"] == pytest.approx(evaluate_frozen(model, test))
+    # the stream's order depends on the seed only
+    a, b = FeatureStream(table, batch_size=4, seed=0), FeatureStream(table, batch_size=4, seed=1)
+    assert [x["key"] for x in a(0)] == [x["key"] for x in FeatureStream(table, batch_size=4, seed=0)(0)]
+    assert [x["key"] for x in a(0)] != [x["key"] for x in b(0)]

@@ -1,0 +1,261 @@
+"""Frozen-tower students: the towers run once per split, only the projections and the logit scale train.
+
+A study trains the same student architecture many times (presets x seeds). When its image and text towers are
+frozen (pretrained, eval mode, no augmentation: one canonical view, the one the caches' teachers saw), their pooled
+outputs ``image_feat [N_i, F_img]`` and ``text_feat [N_t, F_txt]`` are the same in every run, so they are computed
+once (:func:`encode_frozen`) and every run trains only ``image_proj``, ``text_proj`` and ``log_logit_scale`` on them
+(our choice, for the demo's CPU budget; the study design of issue 12). The run is otherwise the library's:
+``create_distill`` wires caches, loss module, optimiser groups and seeds; ``TargetJoiner`` joins the cached teacher
+targets by key; ``distill_forward`` and ``train_loop`` train. Only three parts are swapped:
+
+- the model: :class:`FrozenTowerStudent` (the student's own projection modules on table rows, same output dict as
+  ``DualEncoder.forward``); its ``tokenize`` maps a caption to its table row;
+- the stream: :class:`FeatureStream` (same batch dicts as ``EpochStream``; order depends on the seed only);
+- the candidate images: rows of the table, by key.
+
+The trained projections live in the real ``DualEncoder`` (shared parameters), so ``model.save`` writes a student that
+``mcad-cache eval`` runs on images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mcad_cache.config import DistillConfig
+from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.data.webdataset import SampleDataset, collate_samples
+from mcad_cache.distill import TargetJoiner, TrainState, create_distill, create_optimizer, train_loop
+from mcad_cache.errors import CacheKeyError, DataError
+from mcad_cache.metrics import retrieval_metrics_from_embeddings
+from mcad_cache.progress import ProgressFn, no_progress
+from mcad_cache.runtime import autocast
+from mcad_cache.schedules import create_warmup_cosine
+from mcad_cache.student import DualEncoder
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureTable:
+    """Frozen-tower outputs of one split.
+
+    Attributes:
+        keys: N_i sample keys (shard order).
+        captions: the captions of each sample, as in the shards.
+        image_feat: [N_i, F_img] float32 pooled image-tower outputs (``DualEncoder.forward_image``'s second value).
+        texts: N_t distinct caption strings.
+        text_feat: [N_t, F_txt] float32 pooled text-tower outputs of ``texts``.
+    """
+
+    keys: list[str]
+    captions: list[list[str]]
+    image_feat: Tensor
+    texts: list[str]
+    text_feat: Tensor
+
+    def __post_init__(self) -> None:
+        self.row_of_key = {k: i for i, k in enumerate(self.keys)}
+        self.row_of_text = {t: i for i, t in enumerate(self.texts)}
+
+    def images(self, keys: Sequence[str]) -> Tensor:
+        """``[n, F_img]`` rows of ``keys`` (the joiner's candidate-image fetcher).
+
+        Raises:
+            CacheKeyError: a key that is not in the table (the first few named).
+        """
+        missing = [k for k in keys if k not in self.row_of_key]
+        if missing:
+            raise CacheKeyError(f"{len(missing)} key(s) not in the frozen-feature table, e.g. {missing[:3]}")
+        return self.image_feat[[self.row_of_key[k] for k in keys]]
+
+    def retrieval_rows(self) -> tuple[Tensor, Tensor]:
+        """``(text_rows [N_c] int64, txt2img [N_c] int64)``: every caption of every image, in order (eval protocol)."""
+        rows, txt2img = [], []
+        for i, caps in enumerate(self.captions):
+            for c in caps:
+                rows.append(self.row_of_text[c])
+                txt2img.append(i)
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(txt2img, dtype=torch.long)
+
+
+@torch.no_grad()
+def encode_frozen(
+    model: DualEncoder,
+    shards: Sequence[str],
+    *,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    workers: int = 0,
+    precision: str = "auto",
+    progress: ProgressFn = no_progress,
+    description: str = "frozen towers",
+) -> FeatureTable:
+    """Run the student's towers once over ``shards`` (its own preprocessing, eval mode).
+
+    Raises:
+        DataError: an unreadable sample (a study never skips one silently: every run must see the same data).
+    """
+    model = model.eval()
+    device = next(model.parameters()).device
+    ds = SampleDataset(list(shards), image_transform=make_image_transform(model.preprocess_cfg))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples)
+    keys: list[str] = []
+    captions: list[list[str]] = []
+    feats: list[Tensor] = []
+    with autocast(device, precision):
+        for batch in progress(loader, f"{description}: images", None):
+            for item in batch.get("skipped") or []:
+                raise DataError(item["skip"], shard=item.get("shard"), key=item.get("key"), detail="frozen towers")
+            if not batch["key"]:
+                continue
+            keys += [str(k) for k in batch["key"]]
+            captions += [list(c) for c in batch["captions"]]
+            feats.append(model.forward_image(batch["image"].to(device))[1].float().cpu())
+        texts = sorted({c for caps in captions for c in caps})
+        text_feats = []
+        for s in range(0, len(texts), text_batch_size):
+            tok = model.tokenize(texts[s : s + text_batch_size])
+            ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+            text_feats.append(model.forward_text(ids, mask)[1].float().cpu())
+    if not keys:
+        raise DataError("missing_image", detail=f"no usable sample in {list(shards)[:3]}")
+    return FeatureTable(keys, captions, torch.cat(feats), texts, torch.cat(text_feats))
+
+
+class FrozenTowerStudent(nn.Module):
+    """A ``DualEncoder``'s projections and logit scale applied to :class:`FeatureTable` rows.
+
+    ``forward(images=[N, F_img] image_feat rows, input_ids=[T, 1] text-table rows)`` returns the dict of
+    ``DualEncoder.forward`` (``image_emb``, ``text_emb`` L2-normalised [.., D], ``image_feat``, ``text_feat``,
+    ``logit_scale`` linear). The projections and ``log_logit_scale`` are the DualEncoder's own parameter objects.
+    """
+
+    def __init__(self, model: DualEncoder, table: FeatureTable) -> None:
+        super().__init__()
+        self.image_proj = model.image_proj
+        self.text_proj = model.text_proj
+        self.log_logit_scale = model.log_logit_scale
+        self.max_log_logit_scale = float(model.config.max_log_logit_scale)
+        self.table = table
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """Linear logit scale with the DualEncoder's clamp."""
+        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """``{"input_ids": [T, 1] int64 text-table rows, "attention_mask": [T, 1] ones}``.
+
+        Raises:
+            CacheKeyError: a caption that is not in the table.
+        """
+        missing = [t for t in texts if t not in self.table.row_of_text]
+        if missing:
+            raise CacheKeyError(f"{len(missing)} caption(s) not in the frozen-feature table, e.g. {missing[:2]}")
+        rows = torch.tensor([[self.table.row_of_text[t]] for t in texts], dtype=torch.long)
+        return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
+
+    def forward(
+        self, images: Tensor | None = None, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {"logit_scale": self.logit_scale}
+        if images is not None:
+            out["image_feat"] = images
+            out["image_emb"] = F.normalize(self.image_proj(images), dim=-1)
+        if input_ids is not None:
+            text_feat = self.table.text_feat[input_ids[:, 0].cpu()].to(self.text_proj.weight.device)
+            out["text_feat"] = text_feat
+            out["text_emb"] = F.normalize(self.text_proj(text_feat), dim=-1)
+        return out
+
+
+class FeatureStream:
+    """``epoch -> batches`` like ``EpochStream``: ``{"key", "captions", "image": [B, F_img], "skipped": []}``, full
+    batches only, shuffled by ``torch.randperm`` seeded with (seed, epoch) alone: the same order in every preset."""
+
+    def __init__(self, table: FeatureTable, *, batch_size: int, seed: int) -> None:
+        self.table, self.batch_size, self.seed = table, batch_size, seed
+
+    def __call__(self, epoch: int) -> Iterator[dict[str, Any]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.table.keys), generator=gen).tolist()
+        for s in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            rows = order[s : s + self.batch_size]
+            yield {
+                "key": [self.table.keys[r] for r in rows],
+                "captions": [self.table.captions[r] for r in rows],
+                "image": self.table.image_feat[rows],
+                "skipped": [],
+            }
+
+
+@torch.no_grad()
+def evaluate_frozen(student: FrozenTowerStudent | DualEncoder, table: FeatureTable) -> dict[str, float]:
+    """Test recall (percent, ``metrics.METRIC_KEYS``) of the projections on a split's frozen features: every image
+    against every caption, the eval protocol of ``mcad_cache.eval`` (pessimistic ties)."""
+    text_rows, txt2img = table.retrieval_rows()
+    image_emb = F.normalize(student.image_proj(table.image_feat), dim=-1)
+    text_emb = F.normalize(student.text_proj(table.text_feat[text_rows]), dim=-1)
+    return retrieval_metrics_from_embeddings(image_emb, text_emb, txt2img)
+
+
+def train_frozen(
+    config: DistillConfig,
+    *,
+    train: FeatureTable,
+    val: FeatureTable | None = None,
+    on_log: Any = None,
+) -> tuple[DualEncoder, FrozenTowerStudent, TrainState]:
+    """Train one frozen-tower student (module docstring). ``config.student`` must load pretrained towers: a random
+    tower would be frozen at its random init.
+
+    Args:
+        config: the run (preset, seed, steps, lr, caches ...); ``data`` must be the shards ``train`` was encoded from.
+        train: the train split's table (every anchor and candidate image and caption).
+        val: optional val table: ``val_rsum`` is added to each logged line (the val curve).
+        on_log: optional ``dict -> None`` receiving each logged line.
+    Returns:
+        ``(DualEncoder with the trained projections, the FrozenTowerStudent, final TrainState)``.
+    Raises:
+        What ``create_distill`` and ``train_loop`` raise.
+    """
+    d = create_distill(config)
+    model = d.model.eval()
+    for tower in (model.image_tower, model.text_tower):
+        tower.requires_grad_(False)
+    student = FrozenTowerStudent(model, train)
+    joiner = TargetJoiner(
+        clip=d.clip, single=d.single, loss_config=d.loss_config, k=config.k, candidate_images=train.images,
+        tokenize=student.tokenize,
+    )  # fmt: skip
+    total = d.total_steps
+    optimizer = create_optimizer([student, d.loss_module], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = create_warmup_cosine(optimizer, warmup_steps=min(config.warmup_steps, total), total_steps=total)
+    stream = FeatureStream(train, batch_size=config.batch_size, seed=config.seed)
+    run = dataclasses.replace(d, model=student, joiner=joiner, stream=stream, optimizer=optimizer, scheduler=scheduler)
+
+    def log(values: Mapping[str, Any]) -> None:
+        line = {**values, "logit_scale": float(student.logit_scale.detach())}
+        if val is not None:
+            line["val_rsum"] = evaluate_frozen(student, val)["rsum"]
+        if on_log is not None:
+            on_log(line)
+
+    state = train_loop(
+        student, d.loss_module, batches_for_epoch=stream, prepare=run.prepare, forward=run.forward,
+        optimizer=optimizer, scheduler=scheduler, state=TrainState(), total_steps=total, grad_clip=config.grad_clip,
+        precision=config.precision, device=d.device, log_every=config.log_every, on_log=log,
+    )  # fmt: skip
+    return model, student, state
+
+
+__all__ = ["FeatureStream", "FeatureTable", "FrozenTowerStudent", "encode_frozen", "evaluate_frozen", "train_frozen"]
