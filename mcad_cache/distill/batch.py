@@ -22,6 +22,10 @@ class DistillBatch:
         topk_image_index: [B, K] int64 rows of ``cat(images, extra_images)`` for each caption's candidate images.
         targets: the teacher side, CPU float32.
         tokens: ``texts`` tokenized by the student (``input_ids`` / ``attention_mask`` [T, L]), or None.
+        anchor_image_rows: [B] int64 rows of the anchors in the candidate cache (the rows a candidate bank uses).
+        anchor_text_rows: [B] int64 rows of the anchor captions in the candidate cache.
+        topk_text_rows: [B, K] int64 candidate-cache rows of each image's candidate captions (-1 = empty slot).
+        topk_image_rows: [B, K] int64 candidate-cache rows of each caption's candidate images (-1 = empty slot).
     """
 
     keys: list[str]
@@ -32,6 +36,10 @@ class DistillBatch:
     topk_image_index: Tensor | None
     targets: TeacherTargets
     tokens: dict[str, Tensor] | None = None
+    anchor_image_rows: Tensor | None = None
+    anchor_text_rows: Tensor | None = None
+    topk_text_rows: Tensor | None = None
+    topk_image_rows: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
