@@ -247,17 +247,25 @@ class DualEncoder(nn.Module):
         digest = hashlib.sha256("\n".join(k for k, _ in vocab).encode()).hexdigest()
         return {"name": type(tok).__name__, "context_length": self.config.context_length, "vocab_sha256": digest}
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """Tokenise captions, padded / truncated to ``context_length``.
+    def tokenize(self, texts: Sequence[str], *, padding: str = "max_length") -> dict[str, Tensor]:
+        """Tokenise captions, truncated to ``context_length``.
 
         Args:
             texts: B strings (lower-casing is the tokenizer's: BERT uncased lower-cases).
+            padding: ``"max_length"`` pads to ``context_length`` (static shapes, e.g. for export); ``"longest"``
+                pads to the longest caption of ``texts`` (dynamic padding, what training uses: the text tower
+                masks padding, so embeddings do not change, and a batch of 6-token captions costs 6 tokens, not 32).
         Returns:
-            ``{"input_ids": [B, L] int64, "attention_mask": [B, L] int64}`` with L = ``context_length``, on CPU.
+            ``{"input_ids": [B, L] int64, "attention_mask": [B, L] int64}`` with L = ``context_length``
+            (``"max_length"``) or the longest caption's length, at most ``context_length`` (``"longest"``), on CPU.
+        Raises:
+            ValueError: another ``padding``.
         """
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         out = self.tokenizer(
             list(texts),
-            padding="max_length",
+            padding=padding,
             truncation=True,
             max_length=self.config.context_length,
             return_tensors="pt",
