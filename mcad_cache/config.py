@@ -76,7 +76,7 @@ class DistillConfig:
     weight_decay: float = 0.05  # AdamW weight decay
     warmup_steps: int = 50  # linear warmup steps before the cosine decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    workers: int = 2  # DataLoader worker processes
+    workers: int = -1  # DataLoader decode processes (-1 = auto from the core count; never changes the sample order)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # seeds model init, shuffling, caption choice
@@ -84,8 +84,12 @@ class DistillConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     log_every: int = 10  # steps between metric lines in metrics.jsonl
     resume: bool = True  # resume from the run directory's last checkpoint when present
-    threads: int = 0  # torch intra-op CPU threads (0 = torch's default; 1 avoids oversubscribing a shared CPU)
+    threads: int = 0  # torch intra-op CPU threads (0 = auto: the cores the workers leave, runtime.resolve_cpu_budget)
     loss: dict[str, Any] = field(default_factory=dict)  # loss weights and temperatures (docs/losses.md)
+    candidates: str = "online"  # top-k candidate embeddings: online (encoded in the step, exact) | bank (distill.md)
+    bank_text: str = "bank"  # with --candidates bank: caption candidates from the bank | online (encoded in the step)
+    bank_ema: float = 0.0  # momentum of the EMA student that refreshes the bank, in [0, 1) (0 = the live student)
+    bank_refresh_every: int = 0  # steps between full re-encodes of the bank (0 = initial fill, then anchors only)
 
 
 @dataclass(frozen=True)
