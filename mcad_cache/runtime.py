@@ -76,7 +76,9 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_cpu_budget(*, threads: int, workers: int, device: torch.device, cores: int | None = None) -> tuple[int, int]:
+def resolve_cpu_budget(
+    *, threads: int, workers: int, device: torch.device, cores: int | None = None
+) -> tuple[int, int]:
     """``(torch intra-op threads, DataLoader workers)`` that together never exceed the cores (our rule; measured in
     docs/distill.md, "CPU threads and workers": on 2 cores a tiny run took 28.3 s with torch's default threads beside
     2 workers and 6.0 s with 1 thread and 1 worker).
