@@ -34,6 +34,7 @@ from mcad_cache.config import (
 from mcad_cache.demo import prepare_teachers
 from mcad_cache.demo.config import DemoConfig, TeachersConfig
 from mcad_cache.demo.convert import packaged_pretrained_overrides
+from mcad_cache.distill import rundir
 from mcad_cache.errors import DataError
 from mcad_cache.pipelines import build_cache, data_import, distill, evaluate, verify
 from mcad_cache.progress import ProgressFn, no_progress
@@ -308,7 +309,7 @@ def write_report(work: Path, summary: dict[str, Any]) -> Path:
         lines.append(f"| {name} | " + " | ".join(f"{metrics[k]:.1f}" for k in RECALL_KEYS) + " |")
     lines += ["", "Recall in percent; RSUM is the sum of the six. ", "", "![recall](recall.png)", ""]
     for preset_name, run_dir in summary["runs"].items():
-        png = Path(run_dir) / distill.CURVES_FILE
+        png = Path(run_dir) / rundir.CURVES_FILE
         if png.is_file():
             rel = png.resolve().relative_to(work.resolve()) if png.resolve().is_relative_to(work.resolve()) else png
             lines += [f"Loss curves, `{preset_name}` student:", "", f"![{preset_name}]({rel})", ""]
