@@ -313,7 +313,7 @@ def run(
         "albef": {
             "model": str(albef_cfg_path),
             "pretrained": str(albef_ckpt),
-            "logit_scale": round(1.0 / float(heads.temp), 3),
+            "logit_scale": round(1.0 / float(heads.temp.detach()), 3),
             "val": round_metrics(albef_metrics[f"itm+itc@{config.k_test}"]),
             "val_itc": round_metrics(albef_metrics["itc"]),
             "val_itm": round_metrics(albef_metrics[f"itm@{config.k_test}"]),
