@@ -18,7 +18,11 @@ def study(
     ] = None,
     data: Annotated[list[str], typer.Option("--data", help="training shards (paths, globs, brace patterns)")] = None,
     test: Annotated[list[str], typer.Option("--test", help="test shards every run is evaluated on")] = None,
+    val: Annotated[list[str], typer.Option("--val", help="val shards (frozen towers: the val curve)")] = None,
     out: Annotated[str, typer.Option(help="study folder (finished runs in it are reused)")] = None,
+    frozen_towers: Annotated[
+        bool, typer.Option("--frozen-towers/--no-frozen-towers", help="towers run once per split; projections train")
+    ] = None,
     presets: Annotated[
         list[str], typer.Option("--preset", help="loss preset (repeat); default: the five core presets")
     ] = None,
@@ -51,7 +55,8 @@ def study(
         raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
     cfg = call_pipeline(
         load_config, pipeline.StudyConfig, config, cache=cache or None, data=data or None, test=test or None,
-        out=out, presets=presets or None, seeds=seeds, target=target, baseline=baseline, target_mde=target_mde,
+        val=val or None, frozen_towers=frozen_towers, out=out, presets=presets or None, seeds=seeds, target=target,
+        baseline=baseline, target_mde=target_mde,
         student=student, k=k, batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps,
         workers=workers, device=device, precision=precision, threads=threads, loss=loss_overrides,
     )  # fmt: skip

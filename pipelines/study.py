@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,13 @@ from mcad_cache.distill import TrainState, create_distill, train_loop
 from mcad_cache.distill import rundir as rd
 from mcad_cache.errors import ConfigError
 from mcad_cache.eval import encode_retrieval_set, evaluate_dual
+from mcad_cache.hashing import state_dict_sha256
 from mcad_cache.progress import ProgressFn, no_progress
+from mcad_cache.runtime import resolve_device
+from mcad_cache.student import create_student
 from mcad_cache.study import RunSpec, StudyPlan, run_study, summarise_study, write_study
 from mcad_cache.study.config import StudyConfig
+from mcad_cache.study.frozen import FeatureTable, encode_frozen, evaluate_frozen, load_table, save_table, train_frozen
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ def study_context(config: StudyConfig) -> dict[str, Any]:
     shared = config_to_dict(config)
     for name in ("out", "presets", "seeds", "target", "baseline", "single_teacher", "target_mde", "workers", "threads"):
         shared.pop(name)  # plan and report choices, or settings that do not change the results
+    if not config.frozen_towers:
+        shared.pop("val")  # only the frozen path reads it
     shards = {
         name: [(p, Path(p).stat().st_size) for p in expand_shards(getattr(config, name))] for name in ("data", "test")
     }
@@ -141,6 +146,58 @@ def train_and_evaluate(config: DistillConfig, test: TestSet) -> dict[str, Any]:
     }
 
 
+def frozen_tables(config: StudyConfig, out: Path, progress: ProgressFn) -> dict[str, FeatureTable]:
+    """The frozen-tower tables of the train (``"data"``), test (and val) shards: loaded from ``out/tables/`` when made
+    from the same student towers and shards, else encoded once and saved. The towers are those of the student created
+    with seed 0 (pretrained towers do not depend on the seed; the fingerprint holds their weights' sha256)."""
+    torch.manual_seed(0)
+    reference = create_student(config.student).to(resolve_device(config.device))
+    towers = {k: v for k, v in reference.state_dict().items() if not k.startswith(("image_proj", "text_proj"))}
+    student_fp = {"config": reference.config.to_dict(), "towers_sha256": state_dict_sha256(towers)}
+    tables = {}
+    for split in ("data", "test", "val"):
+        shards = expand_shards(getattr(config, split)) if getattr(config, split) else []
+        if not shards:
+            continue
+        fp = {"student": student_fp, "shards": [(p, Path(p).stat().st_size) for p in shards]}
+        path = out / "tables" / f"{split}.pt"
+        table = load_table(path, fingerprint=fp)
+        if table is None:
+            table = encode_frozen(
+                reference, shards, batch_size=config.eval_batch_size, workers=config.workers,
+                precision=config.precision, progress=progress, description=f"frozen towers ({split})",
+            )  # fmt: skip
+            save_table(table, path, fingerprint=fp)
+        tables[split] = table
+    return tables
+
+
+def train_and_evaluate_frozen(config: DistillConfig, tables: dict[str, FeatureTable]) -> dict[str, Any]:
+    """One frozen-tower run (``mcad_cache.study.frozen``): train the projections on the tables, save ``final/``,
+    evaluate on the test table (``eval.json``); ``metrics.jsonl`` holds each logged step's ``val_rsum`` when a val
+    table exists."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(config.out)
+    rd.reset_metrics(run_dir)
+    t0 = time.perf_counter()
+    model, student, state = train_frozen(
+        config, train=tables["data"], val=tables.get("val"), on_log=lambda line: rd.append_metrics(run_dir, line)
+    )
+    train_s = time.perf_counter() - t0
+    rd.save_final(run_dir, model=model, loss_module=torch.nn.Module())
+    rd.plot_curves(run_dir / rd.METRICS_FILE, run_dir / rd.CURVES_FILE)
+    metrics = evaluate_frozen(student, tables["test"])
+    (run_dir / EVAL_FILE).write_text(json.dumps({"metrics": metrics, "model": str(run_dir)}, indent=2) + "\n")
+    return {
+        **metrics,
+        "final_logit_scale": float(student.logit_scale.detach()),
+        "steps": state.step,
+        "train_s": train_s,
+        "num_test_images": len(tables["test"].keys),
+    }
+
+
 def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) the study and write its report; see the module docstring.
 
@@ -160,10 +217,11 @@ def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str,
     t0 = time.perf_counter()
     test = TestSet(expand_shards(config.test), batch_size=config.eval_batch_size, workers=config.workers)
 
+    tables = frozen_tables(config, out, progress) if config.frozen_towers else {}
+
     def run_one(spec: RunSpec) -> dict[str, Any]:
-        return train_and_evaluate(
-            distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir)), test
-        )
+        cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir))
+        return train_and_evaluate_frozen(cfg, tables) if tables else train_and_evaluate(cfg, test)
 
     results = run_study(plan, run_one, out=out, context=study_context(config), progress=progress)
     summary = summarise_study(plan, results, target_mde=config.target_mde)
@@ -174,9 +232,15 @@ def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str,
     return summary
 
 
-def with_overrides(config: StudyConfig, **overrides: Any) -> StudyConfig:
-    """``config`` with the non-None ``overrides`` (the demo app's convenience)."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
-
-
-__all__ = ["EVAL_FILE", "StudyConfig", "TestSet", "distill_config", "plan_of", "run", "study_context"]
+__all__ = [
+    "EVAL_FILE",
+    "StudyConfig",
+    "TestSet",
+    "distill_config",
+    "frozen_tables",
+    "plan_of",
+    "run",
+    "study_context",
+    "train_and_evaluate",
+    "train_and_evaluate_frozen",
+]

@@ -390,3 +390,26 @@ def test_train_frozen_trains_only_the_projections(tiny_study_data, tmp_path):
     a, b = FeatureStream(table, batch_size=4, seed=0), FeatureStream(table, batch_size=4, seed=1)
     assert [x["key"] for x in a(0)] == [x["key"] for x in FeatureStream(table, batch_size=4, seed=0)(0)]
     assert [x["key"] for x in a(0)] != [x["key"] for x in b(0)]
+
+
+def test_study_pipeline_frozen_towers(tiny_study_data, tmp_path, monkeypatch):
+    from mcad_cache.pipelines import study
+
+    cfg = _study_config(tiny_study_data, tmp_path / "s", frozen_towers=True, val=tuple(tiny_study_data["test"]))
+    summary = study.run(cfg)
+    assert len(summary["runs"]) == 6 and (tmp_path / "s" / "tables" / "data.pt").is_file()
+    lines = [json.loads(x) for x in (tmp_path / "s" / "runs" / "clip-kd" / "seed-0" / "metrics.jsonl").open()]
+    assert [x["step"] for x in lines] == [1, 2] and all(math.isfinite(x["val_rsum"]) for x in lines)
+    # the saved student, run on the test images, gives the recall recorded for the run
+    from mcad_cache.eval import encode_retrieval_set, evaluate_dual
+    from mcad_cache.student import DualEncoder
+
+    model = DualEncoder.load(tmp_path / "s" / "runs" / "clip-kd" / "seed-0" / "final").eval()
+    batches = study.TestSet(tiny_study_data["test"], batch_size=4, workers=0).batches(model.preprocess_cfg)
+    rsum = evaluate_dual(encode_retrieval_set(model, batches))["metrics"]["rsum"]
+    assert rsum == pytest.approx(summary["presets"]["clip-kd"]["metrics"]["rsum"]["by_seed"]["0"], abs=1e-3)
+    # tables are reused: a rerun with one more seed encodes nothing
+    monkeypatch.setattr(study, "encode_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    more = study.run(_study_config(tiny_study_data, tmp_path / "s", frozen_towers=True, seeds=3,
+                                   val=tuple(tiny_study_data["test"])))  # fmt: skip
+    assert sum(not r["reused"] for r in more["runs"]) == 3

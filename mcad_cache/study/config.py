@@ -31,6 +31,8 @@ class StudyConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     shuffle_buffer: int = 1000  # WebDataset sample shuffle buffer (0 = off)
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset (docs/losses.md)
+    frozen_towers: bool = False  # freeze the student's towers: outputs computed once per split, projections train
+    val: tuple[str, ...] = ()  # frozen_towers: val shards; each run logs val RSUM (its val curve) in metrics.jsonl
     eval_batch_size: int = 64  # test images per encoding batch
     workers: int = 2  # DataLoader worker processes
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, collate_samples
 from mcad_cache.distill import TargetJoiner, TrainState, create_distill, create_optimizer, train_loop
 from mcad_cache.errors import CacheKeyError, DataError
+from mcad_cache.hashing import json_sha256
 from mcad_cache.metrics import retrieval_metrics_from_embeddings
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import autocast
@@ -85,6 +88,28 @@ class FeatureTable:
                 rows.append(self.row_of_text[c])
                 txt2img.append(i)
         return torch.tensor(rows, dtype=torch.long), torch.tensor(txt2img, dtype=torch.long)
+
+
+def save_table(table: FeatureTable, path: str | os.PathLike[str], *, fingerprint: Mapping[str, Any]) -> None:
+    """Write ``table`` with the ``fingerprint`` of what made it (student, shards) to ``path`` (torch.save, atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fields = {f.name: getattr(table, f.name) for f in dataclasses.fields(table)}
+    torch.save({"fingerprint": json_sha256(dict(fingerprint)), **fields}, tmp)
+    os.replace(tmp, path)
+
+
+def load_table(path: str | os.PathLike[str], *, fingerprint: Mapping[str, Any]) -> FeatureTable | None:
+    """The table saved at ``path`` when it was made with the same ``fingerprint``, else None (recompute it)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.pop("fingerprint") != json_sha256(dict(fingerprint)):
+        _logger.info("%s was made from other data or another student: encoding again", path)
+        return None
+    return FeatureTable(**saved)
 
 
 @torch.no_grad()
@@ -258,4 +283,13 @@ def train_frozen(
     return model, student, state
 
 
-__all__ = ["FeatureStream", "FeatureTable", "FrozenTowerStudent", "encode_frozen", "evaluate_frozen", "train_frozen"]
+__all__ = [
+    "FeatureStream",
+    "FeatureTable",
+    "FrozenTowerStudent",
+    "encode_frozen",
+    "evaluate_frozen",
+    "load_table",
+    "save_table",
+    "train_frozen",
+]
