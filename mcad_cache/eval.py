@@ -32,6 +32,7 @@ from mcad_cache.metrics import (
     topk_ranks_t2i,
 )
 from mcad_cache.runtime import autocast
+from mcad_cache.teachers.base import TextEncoder
 from mcad_cache.teachers.text_states import TextStateCache, supports_text_states
 
 _logger = logging.getLogger(__name__)
@@ -67,16 +68,9 @@ class RetrievalSet:
         return len(self.captions)
 
 
-def is_teacher(model: Any) -> bool:
-    """True for a :class:`mcad_cache.teachers.base.Teacher` (has ``kind`` "dual"/"single" and ``fingerprint``)."""
-    return getattr(model, "kind", None) in ("dual", "single") and callable(getattr(model, "fingerprint", None))
-
-
-def encode_texts(model: Any, texts: list[str]) -> Tensor:
-    """Tokenize and encode captions with the model's own tokenizer.
-
-    Teachers take the token dict (``encode_text(tokens)``), students its fields
-    (``encode_text(input_ids=..., attention_mask=...)``), per docs/architecture.md.
+def encode_texts(model: TextEncoder, texts: list[str]) -> Tensor:
+    """Tokenize and encode captions with the model's own tokenizer: ``encode_text(tokenize(texts))``, the signature
+    teachers and students share (``teachers.base.TextEncoder``).
 
     Args:
         model: a teacher or a student ``DualEncoder``.
@@ -84,12 +78,9 @@ def encode_texts(model: Any, texts: list[str]) -> Tensor:
     Returns:
         [B, D] text embeddings as the model returns them (L2-normalised), on the model's device.
     """
-    tokens = model.tokenize(texts)
     device = _model_device(model)
-    tokens = {k: v.to(device) for k, v in tokens.items()}
-    if is_teacher(model):
-        return model.encode_text(tokens)
-    return model.encode_text(**tokens)
+    tokens = {k: v.to(device) for k, v in model.tokenize(texts).items()}
+    return model.encode_text(tokens)
 
 
 def _model_device(model: Any) -> torch.device:
@@ -474,7 +465,6 @@ __all__ = [
     "evaluate_cache",
     "evaluate_dual",
     "evaluate_single_stream",
-    "is_teacher",
     "itc_topk",
     "protocol",
 ]

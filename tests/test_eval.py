@@ -91,8 +91,8 @@ class TinyStudent(nn.Module):
     def encode_image(self, images):
         return self.teacher.encode_image(images) * self.scale.detach()
 
-    def encode_text(self, input_ids, attention_mask):
-        return self.teacher.encode_text({"input_ids": input_ids, "attention_mask": attention_mask})
+    def encode_text(self, tokens):  # the signature students and teachers share (teachers.base.TextEncoder)
+        return self.teacher.encode_text(tokens)
 
 
 def make_batches(num_images=9, batch_size=4, seed=0):
