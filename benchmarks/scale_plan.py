@@ -12,8 +12,9 @@ Assumptions (each marked in the output): the GPU's peak rates (NVIDIA H100 SXM d
 ``--topk-efficiency``: our choice, not measured: no GPU was available to this session).
 
 JSON ``headline``: per dataset, ``cache_bytes_*`` (variants), ``clip_gpu_hours``, ``albef_gpu_hours``,
-``itm_pairs``, ``exact_topk_flops``, ``exact_topk_gpu_hours``, ``gallery_fp16_bytes``, ``ivfpq_index_bytes``,
-``student_epoch_gpu_hours``; plus the counted ``flops`` per item.
+``itm_pairs``, ``exact_topk_flops(...)``, ``exact_topk_gpu_hours(...)``, ``gathered_fp32_bytes(...)``,
+``exact_topk_rank_bytes(...)``, ``ivfpq_index_bytes``, ``*_cpu_core_hours``, ``student_*``,
+``candidate_bank_bytes``; plus the counted ``flops`` per item.
 
 Run: ``.venv/bin/python benchmarks/scale_plan.py [--topk-json .work/benchmarks/topk_scale.json]``
 """
@@ -142,20 +143,24 @@ def plan(n_img: int, n_txt: int, *, flops: dict[str, int], args: argparse.Namesp
     out["clip_gpu_hours"] = clip / teacher_rate / 3600
     out["albef_gpu_hours"] = albef / teacher_rate / 3600
     out["albef_itm_share"] = out["itm_pairs"] * flops["albef_pair"] / albef
+    n_q = n_img * v  # image rows (queries of i2t, gallery of t2i)
     for name, d in (("clip", 512), ("albef", 256)):
-        f = 2 * 2 * (n_img * v) * n_txt * d  # two directions, 2 FLOPs per multiply-add
+        f = 2 * 2 * n_q * n_txt * d  # i2t and t2i each score N_i x N_t pairs; 2 FLOPs per multiply-add
         out[f"exact_topk_flops({name})"] = f
         out[f"exact_topk_gpu_hours({name})"] = f / (H100["fp32_tflops"] * 1e12 * args.topk_efficiency) / 3600
-        out[f"gallery_fp16_bytes({name})"] = max(n_img * v, n_txt) * d * 2
-        out[f"chunked_topk_host_bytes({name})"] = max(n_img * v, n_txt) * d * (8 + 4)  # float64 copy + float32 input
-    out["ivfpq_index_bytes"] = max(n_img * v, n_txt) * (args.pq_m + 8)  # PQ codes + int64 ids (FAISS IVF lists)
+        # What one rank holds for the exact top-k today: both modalities' embeddings gathered as float32, plus
+        # chunked_topk's float64 copy of the larger gallery (cache/topk.py), plus one chunk of scores (small).
+        out[f"gathered_fp32_bytes({name})"] = (n_q + n_txt) * d * 4
+        out[f"exact_topk_rank_bytes({name})"] = (n_q + n_txt) * d * 4 + max(n_q, n_txt) * d * 8
+    out["ivfpq_index_bytes"] = (n_q + n_txt) * (args.pq_m + 8)  # both galleries: PQ codes + int64 ids
     if rates:
-        # CPU core-seconds per query measured at rates["n"] rows, scaled to this size: exact grows with N; IVF with
-        # nlist ~ sqrt(N) scans nprobe/nlist of N rows, i.e. ~ sqrt(N) rows per query (our model, not measured).
-        queries = 2 * max(n_img * v, n_txt)
-        scale = max(n_img * v, n_txt) / rates["n"]
-        out["exact_topk_cpu_core_hours"] = queries * rates["exact_faiss_per_query_s"] * scale / 3600
-        out["ivfpq_refine_cpu_core_hours"] = queries * rates["ivfpq_refine_per_query_s"] * math.sqrt(scale) / 3600
+        # CPU core-seconds per query measured against rates["n"] gallery rows, scaled to each direction's gallery:
+        # exact cost per query grows with the gallery; IVF with nlist ~ sqrt(N) scans nprobe / nlist of the gallery,
+        # i.e. ~ sqrt(N) rows per query (our model, not measured beyond rates["n"]).
+        m = rates["n"]
+        out["exact_topk_cpu_core_hours"] = 2 * n_q * n_txt / m * rates["exact_faiss_per_query_s"] / 3600
+        ivf = n_q * math.sqrt(n_txt / m) + n_txt * math.sqrt(n_q / m)
+        out["ivfpq_refine_cpu_core_hours"] = ivf * rates["ivfpq_refine_per_query_s"] / 3600
     # Student, one epoch over the pairs: forward + backward ~ 3 x forward FLOPs (our rule of thumb). MCAD step per
     # anchor pair: the anchor image and caption, its k candidate captions (i2t) and k candidate images (t2i).
     per_pair_anchor = 3 * (flops["student_image"] + flops["student_caption"])
