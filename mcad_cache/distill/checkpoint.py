@@ -4,7 +4,9 @@
 state, the RNG states (torch CPU and CUDA, Python ``random``) and the data position (epoch, batches consumed in that
 epoch, optimiser steps). On resume the epoch's deterministic batch stream is rebuilt and the consumed batches are
 skipped (read, not trained on), then the RNG states are restored (``distill.loop.train_loop``), so the next step sees
-the same batch, the same dropout masks and the same caption choices as an uninterrupted run.
+the same batch, the same dropout masks and the same caption choices as an uninterrupted run. Other run state with
+tensors (the candidate bank and its EMA student, ``distill.bank``) is saved beside them as ``NAME.safetensors``
+(``stateful``), and a resume that expects it refuses a checkpoint without it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,14 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"  # DualEncoder.save's weights file name
 LOSS_FILE = "loss.safetensors"
 STATE_FILE = "train_state.pt"  # written last: a checkpoint folder without it is incomplete
+
+
+class Stateful(Protocol):
+    """Run state saved with a checkpoint as ``NAME.safetensors`` (e.g. ``distill.bank.BankCandidates``)."""
+
+    def state_dict(self) -> Mapping[str, Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
 
 
 @dataclass
@@ -86,6 +96,7 @@ def save_checkpoint(
     state: TrainState,
     extra: Mapping[str, Any] | None = None,
     rank_states: list[dict[str, Any]] | None = None,
+    stateful: Mapping[str, Stateful] | None = None,
 ) -> Path:
     """Write a resumable checkpoint atomically (to ``folder.tmp``, then renamed).
 
@@ -93,7 +104,8 @@ def save_checkpoint(
     folder loads with ``DualEncoder.load``), ``loss.safetensors`` (loss-module parameters and buffers),
     ``train_state.pt`` (optimizer, scheduler, RNG states, :class:`TrainState`, ``extra``), written last.
     Distributed runs (one writer, rank 0) pass ``rank_states``: every rank's ``{"train_state": dict, "rng": ...}``
-    (from :func:`rank_state`), since each rank has its own data position and RNG.
+    (from :func:`rank_state`), since each rank has its own data position and RNG. ``stateful``: more run state,
+    each written as ``NAME.safetensors`` (contiguous CPU tensors).
 
     Returns:
         The checkpoint folder.
@@ -112,6 +124,9 @@ def save_checkpoint(
         k: v.detach().contiguous().cpu() for k, v in (loss_module.state_dict() if loss_module else {}).items()
     }
     save_file(loss_state, str(tmp / LOSS_FILE))
+    for name, obj in (stateful or {}).items():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -138,12 +153,14 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    stateful: Mapping[str, Stateful] | None = None,
 ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
     """Load a :func:`save_checkpoint` folder into existing objects (strict key / shape match).
 
     Args:
         rank, world_size: this process's rank and the run's number of ranks (distributed checkpoints hold one data
             position and RNG state per rank).
+        stateful: more run state to restore from ``NAME.safetensors`` (required when given).
     Returns:
         (train state, RNG states to restore with :func:`set_rng_state` once the data position is reached, extra).
     Raises:
@@ -162,6 +179,17 @@ def load_checkpoint(
             loss_module.load_state_dict(load_file(str(folder / LOSS_FILE), device=device), strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {folder} does not fit the model or loss module: {err}") from err
+    for name, obj in (stateful or {}).items():
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {folder}: missing {path.name} (the run was written with other settings, e.g. "
+                "--candidates online); resume with the run's own settings or use a new --out"
+            )
+        try:
+            obj.load_state_dict(load_file(str(path)))
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {err}") from err
     blob = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     if optimizer is not None:
         optimizer.load_state_dict(blob["optimizer"])
@@ -211,6 +239,7 @@ __all__ = [
     "LOSS_FILE",
     "MODEL_FILE",
     "STATE_FILE",
+    "Stateful",
     "TrainState",
     "checkpoint_path",
     "get_rng_state",

@@ -3,7 +3,8 @@
 ``pipelines.distill``, the benchmarks and the tests all call :func:`create_distill`, so there is one wiring.
 
 Plug-in points (issue 10/11): the **candidate source** is ``DistillRun.candidates`` (``distill.forward``: online
-encoding today, a bank of student embeddings next); **fixed derived targets** replace the ``TargetJoiner`` built in
+encoding, ``--candidates online``; or ``distill.bank``: a bank of student embeddings, ``--candidates bank``, wired
+by :func:`create_bank_candidates`); **fixed derived targets** replace the ``TargetJoiner`` built in
 :func:`create_distill` (``DistillRun.joiner``) by one that fills the same ``TeacherTargets`` fields from a derived
 cache, with ``LossConfig.required_inputs()`` naming the fields.
 """
@@ -11,6 +12,7 @@ cache, with ``LossConfig.required_inputs()`` naming the fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,14 @@ from mcad_cache.data.decode import DecodePolicy
 from mcad_cache.data.index import ShardIndex
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SkipReport, expand_shards
+from mcad_cache.distill.bank import (
+    CANDIDATE_MODES,
+    BankCandidates,
+    CandidateBank,
+    ItemEncoder,
+    NoCandidateImages,
+    attach_candidate_rows,
+)
 from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.distill.forward import ONLINE_CANDIDATES, CandidateSource, DistillStep, distill_forward
 from mcad_cache.distill.join import CandidateImages, TargetJoiner, open_caches
@@ -33,7 +43,7 @@ from mcad_cache.distill.step import step_generator
 from mcad_cache.distill.stream import EpochStream
 from mcad_cache.errors import CacheSchemaError, ConfigError
 from mcad_cache.losses import PRESETS, LossConfig, MCADLoss, preset
-from mcad_cache.runtime import resolve_device, resolve_precision
+from mcad_cache.runtime import resolve_cpu_budget, resolve_device, resolve_precision
 from mcad_cache.schedules import create_warmup_cosine
 from mcad_cache.student import DualEncoder, create_student
 
@@ -66,7 +76,7 @@ class DistillRun:
     loss_config: LossConfig
     resolved: dict[str, Any]  # config_to_dict(config) + the resolved LossConfig: what config.json holds
     shards: list[str]
-    index: ShardIndex
+    index: ShardIndex | None  # candidate images by key (--candidates online only; the bank reads no pixels)
     clip: CacheReader | None
     single: CacheReader | None
     device: torch.device
@@ -83,10 +93,21 @@ class DistillRun:
     rank: int = 0
     world_size: int = 1
     candidates: CandidateSource = field(default=ONLINE_CANDIDATES)
+    bank: BankCandidates | None = None  # the candidate source when it is a bank (--candidates bank)
+    threads: int = 1  # torch intra-op threads this run set (resolved from --threads and the core count)
+    workers: int = 0  # DataLoader decode processes (resolved from --workers and the core count)
+
+    @property
+    def stateful(self) -> dict[str, BankCandidates]:
+        """Run state saved with each checkpoint beside the weights (``checkpoint.save_checkpoint(stateful=)``)."""
+        return {"candidates": self.bank} if self.bank is not None else {}
 
     def join(self, raw: dict[str, Any], step: int) -> DistillBatch:
         """Join one collated stream batch with the caches, with the generator of optimiser step ``step``."""
-        return self.joiner(raw, generator=step_generator(self.config.seed, step))
+        batch = self.joiner(raw, generator=step_generator(self.config.seed, step))
+        if self.bank is not None:
+            attach_candidate_rows(batch, self.joiner.cand, k=self.config.k)
+        return batch
 
     def prepare(self, raw: dict[str, Any], step: int) -> tuple[DistillBatch | None, list[str], int]:
         """``train_loop``'s ``prepare``: a partial batch is skipped (None), else the joined batch."""
@@ -116,6 +137,44 @@ class DistillRun:
 def _check_config(config: DistillConfig, loss_config: LossConfig) -> None:
     if config.batch_size < 2:
         raise ConfigError(f"--batch-size must be >= 2 (in-batch contrastive terms), got {config.batch_size}")
+    if config.candidates not in CANDIDATE_MODES:
+        raise ConfigError(f"--candidates {config.candidates!r} is unknown; use {' | '.join(CANDIDATE_MODES)}")
+    if config.bank_text not in ("bank", "online"):
+        raise ConfigError(f"--bank-text {config.bank_text!r} is unknown; use bank | online")
+    if not 0.0 <= config.bank_ema < 1.0:
+        raise ConfigError(f"--bank-ema must be in [0, 1) (0 = no EMA copy), got {config.bank_ema}")
+    if config.bank_refresh_every < 0:
+        raise ConfigError(f"--bank-refresh-every must be >= 0 (0 = never), got {config.bank_refresh_every}")
+
+
+def create_bank_candidates(
+    config: DistillConfig,
+    *,
+    model: DualEncoder,
+    reader: CacheReader,
+    shards: list[str],
+    transform: Callable[[Any], Tensor],
+    policy: DecodePolicy,
+    tokenize: Callable[[list[str]], dict[str, Tensor]],
+    workers: int,
+    world_size: int,
+) -> BankCandidates:
+    """The ``--candidates bank`` source: a bank over ``reader``'s rows (the candidate cache), filled by the student.
+
+    Under DDP (``world_size > 1``) every rank gathers all ranks' anchors into its bank (the banks stay equal).
+    """
+    bank = CandidateBank(
+        num_images=reader.num_images, num_texts=reader.num_texts, dim=model.embed_dim,
+        device=next(model.parameters()).device,
+    )  # fmt: skip
+    encoder = ItemEncoder(
+        reader, shards=shards, transform=transform, policy=policy, tokenize=tokenize,
+        batch_size=max(64, config.batch_size), workers=workers, precision=config.precision,
+    )  # fmt: skip
+    return BankCandidates(
+        bank, model=model, encoder=encoder, text_online=config.bank_text == "online", ema=config.bank_ema,
+        refresh_every=config.bank_refresh_every, gather=world_size > 1,
+    )  # fmt: skip
 
 
 def create_distill(
@@ -153,11 +212,8 @@ def create_distill(
     _check_config(config, loss_config)
     shards = expand_shards(config.data)
     device = resolve_device(config.device)
-    if world_size > 1 and len(shards) < world_size * max(1, config.workers):
-        raise ConfigError(
-            f"{len(shards)} shard(s) for {world_size} ranks x {max(1, config.workers)} workers: every reader needs at "
-            "least one shard (a rank without data would leave the others waiting in the gradient all-reduce)"
-        )
+    threads, workers = resolve_cpu_budget(threads=config.threads, workers=config.workers, device=device)
+    torch.set_num_threads(threads)
     try:
         resolve_precision(config.precision, device)
     except ValueError as err:
@@ -166,8 +222,21 @@ def create_distill(
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
     resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
 
-    index = ShardIndex(shards)  # tar headers read once: key checks and candidate images
-    clip, single = open_caches(config.cache, shards=shards, index=index)
+    bank_mode = config.candidates == "bank"
+    index = None if bank_mode else ShardIndex(shards)  # tar offsets: candidate images by key (online only)
+    policy = DecodePolicy()
+    report = SkipReport()
+    stream = EpochStream(  # the student's transform is set once the student exists
+        shards, transform=_no_transform, policy=policy, batch_size=config.batch_size, workers=workers,
+        seed=config.seed, shuffle_buffer=config.shuffle_buffer, report=report, rank=rank, world_size=world_size,
+    )  # fmt: skip
+    keys = index if index is not None else stream.keys
+    if world_size > 1 and len(keys) < world_size * config.batch_size:
+        raise ConfigError(
+            f"{len(keys)} samples for {world_size} ranks x batch {config.batch_size}: every rank needs a batch (a rank "
+            "without data would leave the others waiting in the gradient all-reduce)"
+        )
+    clip, single = open_caches(config.cache, shards=shards, index=keys)
     if loss_config.required_inputs()["teacher"] and clip is None:
         raise CacheSchemaError(f"preset {config.preset!r} needs a dual-stream (CLIP) cache: pass --cache")
     if loss_config.uses_single_stream and loss_config.w_topk_i2t + loss_config.w_topk_t2i > 0 and single is None:
@@ -183,20 +252,26 @@ def create_distill(
     if world_size > 1:
         torch.manual_seed(config.seed + 1_000 * rank)  # same init on every rank, own dropout stream per rank
     transform = make_image_transform(model.preprocess_cfg)
-    policy = DecodePolicy()
-    candidate_images: Any = CandidateImages(index, transform=transform, policy=policy, threads=max(1, config.workers))
+    tokenize = functools.partial(model.tokenize, padding="longest")  # dynamic padding: pad to the batch's longest
+    candidate_images: Any = (
+        NoCandidateImages()
+        if index is None
+        else CandidateImages(index, transform=transform, policy=policy, threads=max(1, workers))
+    )
     if wrap_candidate_images is not None:
         candidate_images = wrap_candidate_images(candidate_images)
     joiner = TargetJoiner(
         clip=clip, single=single, loss_config=loss_config, k=config.k, candidate_images=candidate_images,
-        tokenize=model.tokenize,
+        tokenize=tokenize,
     )  # fmt: skip
-    report = SkipReport()
-    stream = EpochStream(
-        shards, transform=transform, policy=policy, batch_size=config.batch_size, workers=config.workers,
-        seed=config.seed, shuffle_buffer=config.shuffle_buffer, report=report,
-    )  # fmt: skip
-    num_samples = int(clip.image_valid.sum()) if clip is not None else len(index)
+    stream.dataset.image_transform = transform
+    bank = None
+    if bank_mode and joiner.directions:
+        bank = create_bank_candidates(
+            config, model=model, reader=joiner.cand, shards=shards, transform=transform, policy=policy,
+            tokenize=tokenize, workers=workers, world_size=world_size,
+        )  # fmt: skip
+    num_samples = int(clip.image_valid.sum()) if clip is not None else len(keys)
     steps_per_epoch = num_samples // (config.batch_size * world_size)
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
@@ -213,7 +288,13 @@ def create_distill(
         single=single, device=device, model=model, loss_module=loss_module, joiner=joiner, stream=stream,
         report=report, optimizer=optimizer, scheduler=scheduler, num_samples=num_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, rank=rank, world_size=world_size,
+        candidates=bank if bank is not None else ONLINE_CANDIDATES, bank=bank, threads=threads, workers=workers,
     )  # fmt: skip
 
 
-__all__ = ["DistillRun", "create_distill", "create_loss_module"]
+def _no_transform(image: Any) -> Any:
+    """Placeholder transform of the stream until the student (and so its preprocessing) exists."""
+    return image
+
+
+__all__ = ["DistillRun", "create_bank_candidates", "create_distill", "create_loss_module"]
