@@ -80,7 +80,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         rd.check_resume_config(run_dir, d.resolved)
         state, rng_state, _ = load_checkpoint(
             latest, model=model, loss_module=loss_module, optimizer=d.optimizer, scheduler=d.scheduler,
-            map_location=d.device, rank=rank, world_size=world,
+            map_location=d.device, rank=rank, world_size=world, stateful=d.stateful,
         )  # fmt: skip
         if is_main:
             rd.truncate_metrics(run_dir, state.step)
@@ -115,7 +115,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         if is_main:
             save_checkpoint(
                 checkpoint_path(run_dir, st.step), model=model, loss_module=loss_module, optimizer=d.optimizer,
-                scheduler=d.scheduler, state=st, rank_states=states if world > 1 else None,
+                scheduler=d.scheduler, state=st, rank_states=states if world > 1 else None, stateful=d.stateful,
             )  # fmt: skip
             prune_checkpoints(run_dir, keep=KEEP_CHECKPOINTS)
         if world > 1:
