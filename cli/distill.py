@@ -43,7 +43,9 @@ def distill(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = None,
     warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = None,
     grad_clip: Annotated[float, typer.Option(help="max global gradient norm (0 = off)")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
+    workers: Annotated[
+        int, typer.Option(help="DataLoader decode processes (-1 = auto from the cores; never changes the order)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on CUDA only)")] = None,
     seed: Annotated[int, typer.Option(help="seed of init, shuffling and caption choice")] = None,
@@ -51,7 +53,24 @@ def distill(
     checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints (0 = end only)")] = None,
     log_every: Annotated[int, typer.Option(help="steps between metrics.jsonl lines")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="resume from the run dir's checkpoint")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default; 1 on a shared, busy CPU)")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = auto: the cores the workers leave)")] = None,
+    candidates: Annotated[
+        str,
+        typer.Option(
+            help="top-k candidate embeddings: online (encoded in the step with gradient: exact, ~8x a contrastive "
+            "step) | bank (read from a bank of detached student embeddings: about the cost of a contrastive step; "
+            "docs/distill.md)"
+        ),
+    ] = None,
+    bank_text: Annotated[
+        str, typer.Option(help="with --candidates bank: caption candidates from the bank | online (encoded in a step)")
+    ] = None,
+    bank_ema: Annotated[
+        float, typer.Option(help="with --candidates bank: momentum of an EMA student refreshing the bank (0 = none)")
+    ] = None,
+    bank_refresh_every: Annotated[
+        int, typer.Option(help="with --candidates bank: steps between full re-encodes of the bank (0 = never)")
+    ] = None,
     loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")] = None,
     config: Annotated[str, typer.Option("--config", help="run.json with DistillConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -70,7 +89,8 @@ def distill(
         preset=preset, k=k, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers, device=device, precision=precision,
         seed=seed, shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, log_every=log_every,
-        resume=resume, loss=loss_overrides, threads=threads,
+        resume=resume, loss=loss_overrides, threads=threads, candidates=candidates, bank_text=bank_text,
+        bank_ema=bank_ema, bank_refresh_every=bank_refresh_every,
     )  # fmt: skip
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
     table = Table(title=f"distill {cfg.preset} -> {summary['run_dir']}")
