@@ -83,7 +83,7 @@ def export_student(
         "image_model": cfg.image_model,
         "embed_dim": student.embed_dim,
         "context_length": cfg.context_length,
-        "logit_scale": float(student.logit_scale),
+        "logit_scale": float(student.logit_scale.detach()),
         "batch": 1,
         "source": provenance,
     }
