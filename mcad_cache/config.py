@@ -33,6 +33,7 @@ class ImportConfig:
     image_size_px: int = 256  # re-encode so the longer side is at most this many pixels (0 = keep original bytes)
     seed: int = 0  # deterministic split seed (openclipart)
     workers: int = 2  # processes that decode and re-encode images (1 = in the calling process); output is identical
+    max_drop_share: float = 0.5  # fail (exit 1) when more than this share of candidates is dropped (our choice)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class BuildConfig:
     out: str = ".work/cache"  # Zarr v3 store to write (resumed if it exists with the same fingerprint)
     model: str = ""  # teacher model: open_clip name or JSON config, ALBEF config JSON, BLIP hub name or path
     pretrained: str = ""  # weights: open_clip tag or file, ALBEF .pth, BLIP folder; "" = random init (tests)
+    random_init: bool = False  # allow a teacher without --pretrained weights (recorded as weights_source: random)
     k: int = DEFAULT_K  # top-k candidates per query stored in both directions (students may use k' <= k)
     force_positives: bool = False  # put every ground-truth positive into its query's candidate list
     candidate_source: str = ""  # another cache whose ITC similarities choose the candidates ("" = own ITC)
