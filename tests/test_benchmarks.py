@@ -107,17 +107,33 @@ def test_distill_and_online_quick_run_the_library_factory(work, monkeypatch):
 
     monkeypatch.setattr(distill, "create_distill", spy)
     module, p = run_quick("distill_overhead", work, scratch="distill-data")
-    assert len(made) == 1 and isinstance(made[0], distill.DistillRun)  # the pipeline's own wiring, not a copy
-    for name in ("mcad", "contrastive_with_candidates", "contrastive_anchors"):
+    assert len(made) == 2 and all(isinstance(m, distill.DistillRun) for m in made)  # the pipeline's own wiring
+    assert [m.config.candidates for m in made] == ["online", "bank"]
+    assert made[1].index is None and made[1].bank is not None and made[1].bank.bank.filled
+    for name in ("mcad_bank", "mcad_online", "contrastive_with_candidates", "contrastive_anchors"):
         assert positive_finite(p["step_s"]["per_rep"][name]), name
     assert positive_finite(p["loss_s"].values())
+    # the headline: documented keys, each the median of the per-repetition ratios it names
+    assert set(p["headline"]) == set(module.HEADLINE_KEYS) == set(p["headline_keys"])
+    for key in ("mcad_bank_over_contrastive", "mcad_online_over_contrastive"):
+        assert p["headline"][key] == p["ratios"][key]["median"]
+    per = p["step_s"]["per_rep"]
+    assert p["ratios"]["mcad_bank_over_contrastive"]["per_rep"] == [
+        b / c for b, c in zip(per["mcad_bank"], per["contrastive_anchors"], strict=True)
+    ]
+    assert p["bank"]["initial_fill_s"] > 0 and p["bank"]["rows"]["images"] == 48
     # the joined batch is what the factory's TargetJoiner gives: k candidates per query at most, extra images fetched
     assert p["batch"]["anchors"] == 4 and 0 < p["batch"]["pairs_i2t"] <= 4 * 3
     assert p["batch"]["student_images"] == p["batch"]["anchors"] + p["batch"]["candidate_images_fetched"]
+    assert p["batch"]["images"] >= p["batch"]["student_images"] - p["batch"]["candidate_images_fetched"]
     assert p["loader"]["samples_per_s"] > 0
 
     module, q = run_quick("offline_vs_online", work, scratch="distill-data")
     assert positive_finite(q["step_s"]["online_composed"]) and positive_finite(q["step_s"]["cached"])
+    assert (
+        set(q["headline"]) == set(q["headline_keys"])
+        and q["headline"]["online_over_cached"] == q["ratio_online_vs_cached"]["median"]
+    )
     assert positive_finite(q["experiments"]["per_sample_s"].values())
 
 

@@ -345,8 +345,10 @@ class BankCandidates:
         Raises:
             ValueError: the batch carries no candidate-cache rows (a joiner without row output).
         """
+        if batch.topk_text_index is None and batch.topk_image_index is None:
+            return None, None  # a batch without candidates (e.g. a contrastive step): nothing to read or write
         if batch.anchor_image_rows is None or batch.anchor_text_rows is None:
-            raise ValueError("candidates=bank needs DistillBatch anchor/candidate rows (TargetJoiner sets them)")
+            raise ValueError("candidates=bank needs DistillBatch candidate-cache rows (bank.attach_candidate_rows)")
         with torch.no_grad():
             if not self.bank.filled:
                 self.fill()
