@@ -77,3 +77,17 @@ def test_flop_count_sees_eval_mode_attention():
     assert not mha.training  # mode restored
     lin = torch.nn.Linear(4, 3)
     assert sp.count(lambda: lin(torch.zeros(2, 4)), lin) == 2 * 2 * 4 * 3
+
+
+@pytest.mark.slow  # builds a full-size ViT-B/16 (about 10 s on a quiet core; run with -m slow)
+def test_flop_count_of_vit_b16_matches_open_clip_profile():
+    """open_clip's docs/model_profile.csv lists ViT-B-16 at 35.13 image and 5.96 text GFLOPs; the plan's teacher
+    GPU-hours rest on this count (an eval-mode count read 22.5)."""
+    sp = load("scale_plan")
+    from mcad_cache.teachers import create_teacher
+
+    clip = create_teacher("clip", model="ViT-B-16", device="cpu")
+    image = sp.count(lambda: clip.encode_image(torch.zeros(1, 3, 224, 224)), clip.model)
+    text = sp.count(lambda: clip.encode_text(clip.tokenize(["a dog on a beach"])), clip.model)
+    assert image / 1e9 == pytest.approx(35.13, abs=0.01)
+    assert text / 1e9 == pytest.approx(5.96, abs=0.01)
