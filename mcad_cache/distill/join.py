@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +34,10 @@ from torch import Tensor
 
 from mcad_cache.cache import CacheReader, open_cache
 from mcad_cache.data.decode import DecodePolicy, decode_image
+from mcad_cache.data.identity import shard_records, shard_records_diff
 from mcad_cache.data.index import ShardIndex
 from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
-from mcad_cache.hashing import file_sha256
 from mcad_cache.losses import LossConfig, TeacherTargets
 
 _logger = logging.getLogger(__name__)
@@ -376,19 +375,13 @@ def check_cache_data(reader: CacheReader, shards: list[str], *, index: ShardInde
         CacheMismatchError: a readable diff of shards (name, sha256) or the missing keys.
     """
     records = _shard_records(reader.fingerprint)
-    if records is not None:
-        want = {Path(s).name: s for s in shards}
-        have = {str(r.get("name", "")): r for r in records}
-        lines = []
-        for name in sorted(set(want) | set(have)):
-            if name not in have:
-                lines.append(f"shard {name}: in the run's data, not in the cache")
-            elif name not in want:
-                lines.append(f"shard {name}: in the cache, not in the run's data")
-            elif have[name].get("sha256") and file_sha256(want[name]) != have[name]["sha256"]:
-                lines.append(f"shard {name}: sha256 differs (the file changed since the cache was built)")
+    if records is not None:  # identity by content: sha256 + path under the data root (mcad_cache.data.identity)
+        lines = shard_records_diff(records, shard_records(shards))
         if lines:
-            raise CacheMismatchError(f"{reader.path}: the cache was built on other data:\n  " + "\n  ".join(lines))
+            raise CacheMismatchError(
+                f"{reader.path}: the cache was built on other data than the run's shards; rebuild it on these shards "
+                "or pass the shards it was built on:\n  " + "\n  ".join(lines)
+            )
     index = index if index is not None else ShardIndex(shards)
     missing = [str(k) for k in reader.image_keys.tolist() if str(k) not in index]
     if missing:
