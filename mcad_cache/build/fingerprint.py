@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from typing import Any, TypeGuard
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from mcad_cache.cache.schema import EMB_DTYPES, FUSED_DTYPES, SCHEMA_VERSION
 from mcad_cache.config import BuildConfig
 from mcad_cache.data import DecodePolicy
+from mcad_cache.data.identity import shard_records
 from mcad_cache.errors import ConfigError
 from mcad_cache.teachers.base import SingleStreamTeacher, Teacher
 
@@ -130,7 +130,7 @@ def build_fingerprint(
             "fused_rows_per_chunk": fused_rows_per_chunk(config.rows_per_chunk),
         },
         "precision": precision,
-        "data": {"shards": [{"name": os.path.basename(s), "sha256": h} for s, h in zip(shards, hashes, strict=True)]},
+        "data": {"shards": shard_records(shards, hashes)},  # content + path under the data root (data.identity)
     }
 
 

@@ -1,0 +1,103 @@
+"""Shard identity by content: which shards a cache was built on, and how the run's shards differ from them.
+
+A shard is identified by its sha256 (``mcad_cache.hashing.file_sha256``), never by its file name: every importer
+names each split's first shard ``shard-000000.tar``, so names alone confuse the train and test splits of one import,
+or the same split of two imports. For messages each shard also carries its path relative to the **data root**: the
+nearest folder at or above the shards' common folder that holds an importer's ``index.json`` (so
+``train/shard-000000.tar`` and ``test/shard-000000.tar`` stay apart), else their common folder. Our choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mcad_cache.hashing import file_sha256
+
+INDEX_FILE = "index.json"  # written by every importer at the root of its output (mcad_cache.data.importers)
+_ROOT_SEARCH_LEVELS = 3  # folders above the common folder searched for an index.json (OUT/<split>/shard: 1 level)
+
+
+def data_root(shards: Sequence[str | os.PathLike[str]]) -> Path:
+    """The folder shard paths are reported relative to (see the module docstring).
+
+    Args:
+        shards: shard file paths (at least one).
+    Raises:
+        ValueError: ``shards`` is empty.
+    """
+    if not shards:
+        raise ValueError("data_root needs at least one shard path")
+    common = Path(os.path.commonpath([os.path.abspath(os.fspath(s)) for s in shards]))
+    if len(shards) == 1 or common.is_file():
+        common = common.parent
+    for folder in [common, *common.parents][: _ROOT_SEARCH_LEVELS + 1]:
+        if (folder / INDEX_FILE).is_file():
+            return folder
+    return common
+
+
+def shard_records(shards: Sequence[str], hashes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``[{"name", "path", "sha256"}]`` per shard, in the given order: ``path`` is relative to :func:`data_root`.
+
+    Args:
+        shards: shard file paths; hashes: their sha256 in the same order (computed when ``None``).
+    """
+    hashes = list(hashes) if hashes is not None else [file_sha256(s) for s in shards]
+    if not shards:
+        return []
+    root = data_root(shards)
+    return [
+        {"name": os.path.basename(s), "path": os.path.relpath(os.path.abspath(s), root), "sha256": h}
+        for s, h in zip(shards, hashes, strict=True)
+    ]
+
+
+def _label(record: dict[str, Any]) -> str:
+    return str(record.get("path") or record.get("name") or "?")
+
+
+def shard_records_diff(recorded: Sequence[dict[str, Any]], current: Sequence[dict[str, Any]]) -> list[str]:
+    """Readable lines for how ``current`` shards differ from ``recorded`` ones, matched by sha256 (content).
+
+    A shard moved or renamed with the same content matches. Unmatched shards are paired by relative path, so a
+    rewritten file says "content differs"; the rest are "only in the cache" / "only in the run's data".
+
+    Args:
+        recorded: the cache's records (``fingerprint["data"]["shards"]``; older caches lack ``path``).
+        current: :func:`shard_records` of the run's shards.
+    Returns:
+        One line per difference (empty: the same content).
+    """
+    left = [r for r in recorded if r.get("sha256")]
+    right = list(current)
+    pool: dict[str, list[dict[str, Any]]] = {}
+    for r in right:
+        pool.setdefault(str(r.get("sha256")), []).append(r)
+    unmatched_cache = []
+    for r in left:
+        same = pool.get(str(r["sha256"]))
+        if same:
+            same.pop()
+        else:
+            unmatched_cache.append(r)
+    unmatched_run = [r for group in pool.values() for r in group]
+    by_path = {_label(r): r for r in unmatched_run}
+    lines = []
+    for r in unmatched_cache:
+        other = by_path.pop(_label(r), None)
+        if other is not None:
+            lines.append(
+                f"{_label(r)}: content differs (sha256 {str(r['sha256'])[:12]}... in the cache, "
+                f"{str(other['sha256'])[:12]}... now): the file was rewritten or is another import's"
+            )
+        else:
+            lines.append(f"{_label(r)} (sha256 {str(r['sha256'])[:12]}...): in the cache, not in the run's data")
+    for label, r in sorted(by_path.items()):
+        lines.append(f"{label} (sha256 {str(r['sha256'])[:12]}...): in the run's data, not in the cache")
+    return lines
+
+
+__all__ = ["INDEX_FILE", "data_root", "shard_records", "shard_records_diff"]
