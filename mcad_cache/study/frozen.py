@@ -19,6 +19,7 @@ The trained projections live in the real ``DualEncoder`` (shared parameters), so
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader
 from mcad_cache.config import DistillConfig
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, collate_samples
-from mcad_cache.distill import TargetJoiner, TrainState, create_distill, create_optimizer, train_loop
+from mcad_cache.distill import TrainState, create_distill, create_optimizer, train_loop
 from mcad_cache.errors import CacheKeyError, DataError
 from mcad_cache.hashing import json_sha256
 from mcad_cache.metrics import retrieval_metrics_from_embeddings
@@ -258,10 +259,8 @@ def train_frozen(
     for tower in (model.image_tower, model.text_tower):
         tower.requires_grad_(False)
     student = FrozenTowerStudent(model, train)
-    joiner = TargetJoiner(
-        clip=d.clip, single=d.single, loss_config=d.loss_config, k=config.k, candidate_images=train.images,
-        tokenize=student.tokenize,
-    )  # fmt: skip
+    joiner = copy.copy(d.joiner)  # the factory's join (caches, derived targets, k), fed from the tables instead
+    joiner.candidate_images, joiner.tokenize = train.images, student.tokenize
     total = d.total_steps
     optimizer = create_optimizer([student, d.loss_module], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = create_warmup_cosine(optimizer, warmup_steps=min(config.warmup_steps, total), total_steps=total)
