@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mcad_cache.data.decode import decode_image
 from mcad_cache.data.skips import SampleSkip
 from mcad_cache.data.webdataset import expand_shards, iter_samples
@@ -24,7 +26,7 @@ from mcad_cache.export.bundle import open_encoder
 from mcad_cache.export.runtime import Encoder
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.search.app import create_app, decode_policy_from_dict
-from mcad_cache.search.index import SearchIndex, SearchIndexError, check_text_query
+from mcad_cache.search.index import QueryError, SearchIndex, SearchIndexError, check_text_query
 
 _logger = logging.getLogger(__name__)
 
@@ -81,8 +83,6 @@ def build_index(config: IndexConfig, *, progress: ProgressFn = no_progress) -> d
     encode_s = time.perf_counter() - t0
     if not items:
         raise SearchIndexError(f"--data: no usable image in {len(shards)} shard(s) ({skipped} skipped)")
-    import numpy as np
-
     emb = np.concatenate(chunks, 0)
     t1 = time.perf_counter()
     meta = {"source": encoder.source, "model": str(Path(config.model).resolve()), "shards": shards,
@@ -119,8 +119,6 @@ def search(
         QueryError: empty / too long text, both or neither of text and image, an unreadable image, bad k.
         SearchIndexError: not an index folder.
     """
-    from mcad_cache.search.index import QueryError
-
     if bool(text.strip()) == bool(image):
         raise QueryError('give either a text query or --image FILE (e.g. mcad-cache search INDEX "a red bicycle")')
     index, encoder = open_index(index_dir, model=model, threads=threads)
