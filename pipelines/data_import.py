@@ -17,7 +17,15 @@ from typing import Any
 
 from mcad_cache.config import ImportConfig, config_to_dict
 from mcad_cache.data.decode import DecodePolicy
-from mcad_cache.data.importers import ImportReport, first_n, get_importer, list_importers, write_index, write_items
+from mcad_cache.data.importers import (
+    ImportReport,
+    check_import_report,
+    first_n,
+    get_importer,
+    list_importers,
+    write_index,
+    write_items,
+)
 from mcad_cache.errors import ConfigError
 from mcad_cache.preflight import check_input_file, check_writable_dir
 from mcad_cache.progress import no_progress
@@ -36,12 +44,15 @@ def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = no_pro
         ConfigError: a field the importer needs (``--annotations``, ``--root``) is empty, or a size is negative.
         InputPathError: ``--annotations`` does not exist.
         OutputPathError: ``--out`` is a file, lies under a file, or cannot be written.
-        DataSourceError: the source cannot be fetched or read.
+        DataSourceError: the source cannot be fetched or read, or the import kept nothing or dropped more than
+            ``max_drop_share`` of the candidates (the message names the likely cause; the report is still written).
     """
     importer = get_importer(config.source)
     missing = [f"--{name}" for name in importer.needs if not getattr(config, name)]
     if missing:
         raise ConfigError(f"--source {config.source} needs {' and '.join(missing)}")
+    if not 0.0 <= config.max_drop_share <= 1.0:
+        raise ConfigError(f"max_drop_share must be in [0, 1] (got {config.max_drop_share}); e.g. 0.5")
     if config.samples_per_shard <= 0 or config.image_size_px < 0 or config.max_samples < 0:
         raise ConfigError(
             f"--samples-per-shard must be > 0 (got {config.samples_per_shard}), --image-size-px and --max-samples "
@@ -74,6 +85,7 @@ def run(config: ImportConfig, *, progress: Callable[..., Iterable[Any]] = no_pro
     result["shards"] = {split: [s["path"] for s in info["shards"]] for split, info in splits.items()}
     result["time_s"] = round(time.perf_counter() - start, 2)
     (out / REPORT_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    check_import_report(report, max_drop_share=config.max_drop_share, root=config.root, out=out)
     _logger.info(
         "imported %d of %d candidates from %s into %s in %.1f s; dropped %s",
         report.num_kept,

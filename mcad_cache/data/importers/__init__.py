@@ -30,7 +30,7 @@ from PIL import Image
 
 from mcad_cache.data.decode import DecodePolicy, apply_exif_orientation, decode_image, open_checked, to_rgb
 from mcad_cache.data.skips import SampleSkip
-from mcad_cache.errors import UnknownImporterError
+from mcad_cache.errors import DataSourceError, OutputPathError, UnknownImporterError
 from mcad_cache.hashing import file_sha256
 from mcad_cache.progress import no_progress
 
@@ -116,11 +116,38 @@ def reencode_image(data: bytes, *, max_side_px: int, policy: DecodePolicy) -> tu
     return buf.getvalue(), "jpg"
 
 
+def previous_import_files(out_dir: str | Path) -> list[Path]:
+    """The shard files an earlier import wrote into ``out_dir``: those its ``index.json`` lists, no others.
+
+    Only paths that resolve inside ``out_dir`` and end in ``.tar`` are returned (a hand-edited index cannot make
+    the importer delete anything else). No index, or one that is not an mcad-cache shard index: nothing.
+    """
+    out_dir = Path(out_dir)
+    try:
+        index = json.loads((out_dir / "index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("splits"), dict):
+        return []
+    root = out_dir.resolve()
+    found: list[Path] = []
+    for info in index["splits"].values():
+        for shard in info.get("shards", []) if isinstance(info, dict) else []:
+            rel = shard.get("path") if isinstance(shard, dict) else None
+            if not isinstance(rel, str) or not rel.endswith(".tar"):
+                continue
+            path = (out_dir / rel).resolve()
+            if path.is_relative_to(root) and path != root and path.is_file():
+                found.append(out_dir / rel)
+    return sorted(set(found))
+
+
 class SplitShardWriter:
     """One ``webdataset.ShardWriter`` per split, opened on that split's first sample, into ``OUT/<split>/``.
 
-    Old ``OUT/*/shard-*.tar`` files (of any split) are removed at construction, so a rerun never leaves stale
-    shards beside the new ones.
+    The shards of an earlier import into ``out_dir`` are removed at construction (only the files its
+    ``OUT/index.json`` lists: :func:`previous_import_files`), so a rerun never leaves stale shards beside the new
+    ones, and nothing the importer did not write is touched (a sibling dataset under the same parent survives).
 
     Args:
         out_dir: output folder.
@@ -134,17 +161,27 @@ class SplitShardWriter:
         self.samples_per_shard = samples_per_shard
         self._writers: dict[str, wds.ShardWriter] = {}
         self._counts: dict[str, Counter[str]] = {}
-        stale = sorted(self.out_dir.glob("*/shard-*.tar"))
+        stale = previous_import_files(self.out_dir)
         if stale:
             _logger.info("removing %d shard(s) of an earlier import under %s", len(stale), self.out_dir)
         for old in stale:
-            old.unlink()
+            old.unlink(missing_ok=True)
 
     def write(self, split: str, key: str, image: bytes, image_ext: str, meta: dict[str, Any]) -> None:
-        """Write one sample: ``KEY.<image_ext>`` and ``KEY.json`` (``meta`` must hold ``"captions"``)."""
+        """Write one sample: ``KEY.<image_ext>`` and ``KEY.json`` (``meta`` must hold ``"captions"``).
+
+        Raises:
+            OutputPathError: the split's folder already holds shard files no earlier import into ``out_dir`` wrote.
+        """
         writer = self._writers.get(split)
         if writer is None:
             folder = self.out_dir / split
+            foreign = sorted(folder.glob("shard-*.tar"))
+            if foreign:  # not listed by an earlier import into out_dir (those were removed): never overwrite them
+                raise OutputPathError(
+                    f"--out {self.out_dir}: {folder} already holds {len(foreign)} shard file(s) that no earlier import "
+                    f"into {self.out_dir} wrote (e.g. {foreign[0].name}); choose another --out or move them away"
+                )
             folder.mkdir(parents=True, exist_ok=True)
             writer = wds.ShardWriter(
                 str(folder / SHARD_PATTERN), maxcount=self.samples_per_shard, verbose=0, encoder=False, mtime=0
@@ -213,6 +250,49 @@ class ImportReport:
             "captions_per_image": {str(k): v for k, v in sorted(self.captions_per_image.items())},
             **self.extra,
         }
+
+
+# Drop reason -> the likely cause, for the message of an import that kept nothing or dropped too much.
+LIKELY_CAUSE = {
+    "missing_image": "image files not found: is --root the folder the annotation paths are relative to?",
+    "missing_caption": "no caption found: check the caption field/column names (captions | caption | sentences)",
+    "empty_caption": "every caption is empty after cleaning: check the caption field/column",
+    "unknown_split": "unknown split names: check the annotation schema (train | val | test | restval)",
+    "bad_schema": "the annotations do not follow the importer's schema (docs/data.md)",
+    "duplicate_key": "many images share one key: check the image/key field",
+}
+
+
+def check_import_report(report: ImportReport, *, max_drop_share: float, root: str = "", out: str | Path = "") -> None:
+    """Refuse an import that kept nothing, or dropped more than ``max_drop_share`` of its candidates.
+
+    Args:
+        report: the finished import's report.
+        max_drop_share: allowed share of dropped candidates, in [0, 1] (``ImportConfig.max_drop_share``).
+        root, out: named in the message.
+    Raises:
+        DataSourceError: one line with the counts, the main drop reason with an example, and the likely cause.
+    """
+    dropped = sum(report.dropped.values())
+    if report.num_candidates == 0:
+        raise DataSourceError(
+            f"import {report.source}: the annotations hold no entries; check --annotations and its schema "
+            "(docs/data.md)"
+        )
+    share = dropped / report.num_candidates
+    if report.num_kept > 0 and share <= max_drop_share:
+        return
+    reason, count = report.dropped.most_common(1)[0] if report.dropped else ("?", 0)
+    example = (report.examples.get(reason) or [{}])[0]
+    cause = LIKELY_CAUSE.get(reason, "images could not be decoded: check the image files")
+    if reason == "missing_image" and root:
+        cause += f" (--root {root})"
+    raise DataSourceError(
+        f"import {report.source}: kept {report.num_kept} of {report.num_candidates} candidates (dropped {share:.0%}, "
+        f"limit max_drop_share={max_drop_share:g}); most drops: {reason} x{count}, e.g. "
+        f"{example.get('key', '?')!r}: {example.get('detail', '')}; likely cause: {cause}; "
+        f"report: {out}/import_report.json"
+    )
 
 
 def write_index(out_dir: str | Path, *, source: str, splits: dict[str, Any], config: dict[str, Any]) -> Path:

@@ -48,6 +48,11 @@ def load_karpathy(annotations: str | Path, *, root: str | Path, report: ImportRe
             report.drop("missing_image", key, "no 'filename'")
             continue
         sentences = img.get("sentences") or []
+        if isinstance(sentences, str):  # one caption as a bare string: never split it into characters
+            sentences = [sentences]
+        if not isinstance(sentences, list):
+            report.drop("bad_schema", key, f"'sentences' is a {type(sentences).__name__}, not a list")
+            continue
         raws = [s.get("raw") if isinstance(s, dict) else s for s in sentences]
         captions = [c for c in (clean_caption(r) for r in raws) if c is not None]
         if not captions:
