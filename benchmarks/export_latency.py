@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -40,9 +39,11 @@ QUERIES = [
 ]  # fmt: skip
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Resident set size (``VmRSS``) or its peak (``VmHWM``, per address space, so not inherited from the parent
+    the way ``ru_maxrss`` is across fork + exec) of this process, in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -80,27 +81,31 @@ def query_process(export: str, gallery: str, kind: str, num_queries: int) -> dic
     rss["index"] = _rss_mb()
     load_s = time.perf_counter() - t0
     parts = {"tokenize": [], "encode": [], "search": [], "total": []}
+    cpu = {"tokenize": [], "encode": [], "search": [], "total": []}  # thread CPU time: robust to a busy machine
     for i in range(num_queries + 5):
         text = QUERIES[i % len(QUERIES)]
-        a = time.perf_counter()
+        a, ca = time.perf_counter(), time.process_time()
         enc = tok.encode(text)
         feeds = {
             "input_ids": np.asarray([enc.ids], np.int64),
             "attention_mask": np.asarray([enc.attention_mask], np.int64),
         }
-        b = time.perf_counter()
+        b, cb = time.perf_counter(), time.process_time()
         q = session.run(None, feeds)[0]
-        c = time.perf_counter()
+        c, cc = time.perf_counter(), time.process_time()
         index.search(q, 10)
-        d = time.perf_counter()
+        d, cd = time.perf_counter(), time.process_time()
         if i >= 5:  # warm-up excluded
-            for name, v in (("tokenize", b - a), ("encode", c - b), ("search", d - c), ("total", d - a)):
+            for name, v, w in (("tokenize", b - a, cb - ca), ("encode", c - b, cc - cb), ("search", d - c, cd - cc),
+                               ("total", d - a, cd - ca)):  # fmt: skip
                 parts[name].append(1000 * v)
+                cpu[name].append(1000 * w)
     out = {
         name: {"p50_ms": float(np.percentile(v, 50)), "p95_ms": float(np.percentile(v, 95))}
         for name, v in parts.items()
     }
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _rss_mb("VmHWM")
+    out["cpu_ms_per_query"] = {k: float(np.median(v)) for k, v in cpu.items()}
     out["rss_mb"] = rss
     out["load_s"] = load_s
     return out
@@ -127,18 +132,19 @@ def image_latency(export: Path, runs: int) -> dict:
 
     enc = ExportedEncoder(export, threads=1)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8), "RGB")
-    pre, total = [], []
+    pre, total, cpu = [], [], []
     for i in range(runs + 3):
-        a = time.perf_counter()
+        a, ca = time.perf_counter(), time.process_time()
         x = preprocess_image(img, enc.preprocess_cfg)
         b = time.perf_counter()
         enc.encode_arrays(x[None])
-        c = time.perf_counter()
+        c, cc = time.perf_counter(), time.process_time()
         if i >= 3:  # warm-up excluded
             pre.append(1000 * (b - a))
             total.append(1000 * (c - a))
+            cpu.append(1000 * (cc - ca))
     return {"p50_ms": float(np.percentile(total, 50)), "p95_ms": float(np.percentile(total, 95)),
-            "preprocess_p50_ms": float(np.percentile(pre, 50)),
+            "preprocess_p50_ms": float(np.percentile(pre, 50)), "cpu_p50_ms": float(np.percentile(cpu, 50)),
             "images_per_s": 1000 / float(np.mean(total))}  # fmt: skip
 
 
@@ -171,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--query-process", nargs=4, metavar=("EXPORT", "GALLERY", "KIND", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="1000,10000,100000")
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--paper-image-model", default="mobilevitv2_050")
     args = parser.parse_args()
     if args.query_process:
