@@ -17,9 +17,18 @@ Per batch (B usable samples of the stream, in stream order):
 4. **CLIP targets** for the candidates are found by key in the CLIP cache (``text_rows`` / ``image_rows`` of the
    candidate keys), never by row position: the two caches may order rows differently.
 
+5. **Teacher-only directions.** A direction whose student top-k term is off (``w_topk_t2i = 0``) is still joined
+   when the loss reads a teacher field of it (the modified-features module modifies both sides), without fetching
+   candidate pixels or captions for the student.
+6. **In-batch positives.** ``TeacherTargets.positives = duplicate_positives(keys, anchor captions)``: the same caption
+   text on two images is a positive in ITC, not a negative.
+
+**Derived caches** (``mcad-cache integrate``) hold fixed targets: a run given one reads its target features as the
+in-batch / feature targets, its stored log-probabilities as the top-k targets (``TeacherTargets.topk_logits_*``)
+and its candidates; the parents it was made from are then only checked (a stale parent is refused with a diff).
+
 The student side (``distill.forward.distill_forward``) encodes anchors and candidates and assembles
-``losses.StudentOutputs``. Plug-in point for fixed derived targets (an offline-integrated cache): a joiner that fills
-the same ``TeacherTargets`` fields from that cache; ``LossConfig.required_inputs()`` says which fields are read.
+``losses.StudentOutputs``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,15 @@ from mcad_cache.data.identity import shard_records, shard_records_diff
 from mcad_cache.data.index import ShardIndex
 from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
-from mcad_cache.losses import LossConfig, TeacherTargets
+from mcad_cache.integrate.derived import DerivedReader, is_derived, open_derived
+from mcad_cache.integrate.parents import check_caches_match, parents_diff
+from mcad_cache.losses import LossConfig, TeacherTargets, duplicate_positives
+
+# TeacherTargets fields a derived cache serves (everything else comes from teacher caches)
+DERIVED_FIELDS = {
+    "clip_image_emb", "clip_text_emb", "clip_logit_scale", "topk_logits_i2t", "topk_logits_t2i",
+    "valid_i2t", "valid_t2i", "is_positive_i2t", "is_positive_t2i",
+}  # fmt: skip
 
 _logger = logging.getLogger(__name__)
 
@@ -86,23 +103,6 @@ class CandidateImages:
         return torch.stack(list(self._pool.map(self._one, blobs)))
 
 
-def check_caches_match(clip: CacheReader, single: CacheReader) -> None:
-    """The two teachers' caches must hold the same image and text keys (rows may be ordered differently).
-
-    Raises:
-        CacheMismatchError: the key sets differ; names a few keys on each side.
-    """
-    for what in ("image_keys", "text_keys"):
-        a = {str(x) for x in getattr(clip, what).tolist()}
-        b = {str(x) for x in getattr(single, what).tolist()}
-        if a != b:
-            only_a, only_b = sorted(a - b)[:5], sorted(b - a)[:5]
-            raise CacheMismatchError(
-                f"the caches {clip.path} and {single.path} hold different {what}: {len(a - b)} only in the first "
-                f"(e.g. {only_a}), {len(b - a)} only in the second (e.g. {only_b}); build both on the same shards"
-            )
-
-
 def _t(x: np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
 
@@ -121,15 +121,17 @@ class TargetJoiner:
     """Builds :class:`DistillBatch` objects from collated stream batches and the caches.
 
     Args:
-        clip: the dual-stream (CLIP) ``CacheReader``, or None when the loss needs no teacher (``contrastive``).
+        clip: the dual-stream (CLIP) ``CacheReader``, or a ``DerivedReader`` (fixed targets of ``mcad-cache
+            integrate``), or None when the loss needs no teacher (``contrastive``).
         single: the single-stream ``CacheReader``, or None.
         loss_config: decides which targets are read (``LossConfig.required_inputs()``).
         k: candidates per query (``<=`` each cache's k).
         candidate_images: ``keys -> [n, 3, H, W]`` (a :class:`CandidateImages`), needed for t2i top-k terms.
         tokenize: the student's ``tokenize``; when given, captions are tokenized here (off the training step).
     Raises:
-        CacheSchemaError: k larger than a cache's k; a preset that needs a single-stream cache without one; a
-            cache of the wrong kind in a slot.
+        CacheSchemaError: k larger than a cache's k; a preset that needs a single-stream cache without one, or fixed
+            targets without a derived cache, or fields a derived cache does not hold (named); a cache of the wrong
+            kind in a slot.
     """
 
     def __init__(
@@ -145,8 +147,21 @@ class TargetJoiner:
         need = loss_config.required_inputs()
         self.need_student = need["student"]
         self.need_teacher = need["teacher"]
-        if clip is not None and clip.kind != "dual":
+        if clip is not None and clip.kind not in ("dual", "derived"):
             raise CacheSchemaError(f"{clip.path}: expected a dual-stream (CLIP) cache, found kind={clip.kind!r}")
+        self.derived = clip is not None and clip.kind == "derived"
+        fixed = {f for f in self.need_teacher if f.startswith("topk_logits_")}
+        if fixed and not self.derived:
+            raise CacheSchemaError(
+                f"the loss reads fixed targets ({sorted(fixed)}) from a derived cache: run `mcad-cache integrate "
+                "--cache CLIP_CACHE --cache SINGLE_CACHE --out TARGETS` and pass --cache TARGETS (or use "
+                "--preset mcad-online to train the integration module inside this run)"
+            )
+        if self.derived and self.need_teacher - DERIVED_FIELDS:
+            raise CacheSchemaError(
+                f"{clip.path} is a derived cache; it does not hold {sorted(self.need_teacher - DERIVED_FIELDS)} that "
+                f"this loss reads (integration {loss_config.integration!r}); pass the teacher caches instead"
+            )
         if single is not None and single.kind != "single":
             raise CacheSchemaError(f"{single.path}: expected a single-stream cache, found kind={single.kind!r}")
         if self.need_teacher and clip is None:
@@ -162,9 +177,12 @@ class TargetJoiner:
         self.k = int(k)
         self.directions = [
             d for d, cand in (("i2t", "text"), ("t2i", "image")) if f"topk_{cand}_emb" in self.need_student
-        ]
+        ]  # directions whose candidates the student encodes
+        self.teacher_directions = [
+            d for d in ("i2t", "t2i") if d in self.directions or any(f.endswith(f"_{d}") for f in self.need_teacher)
+        ]  # directions with any teacher field read (the student may encode none of their candidates)
         for reader in (r for r in (clip, single) if r is not None):
-            if self.directions and self.k > reader.k:
+            if self.teacher_directions and self.k > reader.k:
                 raise CacheSchemaError(
                     f"{reader.path}: requested k={self.k}, but the cache holds k={reader.k} candidates per query; "
                     f"use --k {reader.k} or less, or rebuild the cache with --k {self.k}"
@@ -248,12 +266,13 @@ class TargetJoiner:
                 if not bool(torch.isfinite(value).all()):
                     row = int((~torch.isfinite(value)).any(1).nonzero()[0])
                     raise NonFiniteError(f"{self.clip.path}: cached {name} of sample {keys[row]!r} is not finite")
+        t.positives = duplicate_positives(keys, anchor_texts)
         if self.single is not None:
             t.ss_logit_scale = float(self.single.logit_scale)
         cand_img_rows, cand_txt_rows = (
-            rows["single" if self.single is not None else "clip"] if self.directions else (None, None)
+            rows["single" if self.single is not None else "clip"] if self.teacher_directions else (None, None)
         )
-        for d in self.directions:
+        for d in self.teacher_directions:
             query_rows = cand_img_rows if d == "i2t" else cand_txt_rows
             need_fused = f"fused_cls_{d}" in self.need_teacher
             top = self.cand.topk(d, query_rows, k=self.k, fused=need_fused)
@@ -262,6 +281,9 @@ class TargetJoiner:
             safe = np.where(top["valid"], idx, 0)
             setattr(t, f"valid_{d}", valid)
             setattr(t, f"is_positive_{d}", _t(top["is_positive"], torch.bool) & valid)
+            if self.derived:
+                logits = _finite_where_valid(f"{d}_logits", _t(top["logits"]), valid, keys)
+                setattr(t, f"topk_logits_{d}", logits)
             if self.single is not None:
                 if "itm_logits" in top:
                     setattr(
@@ -270,7 +292,20 @@ class TargetJoiner:
                 setattr(t, f"ss_sims_{d}", _finite_where_valid(f"{d}_sims", _t(top["sims"]), valid, keys))
                 if need_fused:
                     setattr(t, f"fused_cls_{d}", _finite_where_valid(f"{d}_fused", _t(top["fused_cls"]), valid, keys))
-            if d == "i2t":
+            student_side = d in self.directions
+            if d == "i2t" and not student_side:
+                cand_keys = [str(x) for x in self.cand.text_keys[safe.reshape(-1)].tolist()]
+                clip_rows = self.clip.text_rows(cand_keys) if self.clip is not None and not self.derived else None
+                cand_clip_emb = (
+                    _t(self.clip.text_emb(clip_rows)).reshape(*idx.shape, -1) if clip_rows is not None else None
+                )
+            elif d == "t2i" and not student_side:
+                cand_keys = [str(x) for x in self.cand.image_keys[safe.reshape(-1)].tolist()]
+                clip_rows = self.clip.image_rows(cand_keys) if self.clip is not None and not self.derived else None
+                cand_clip_emb = (
+                    _t(self.clip.image_emb(clip_rows)).reshape(*idx.shape, -1) if clip_rows is not None else None
+                )
+            elif d == "i2t":
                 cand_keys = [str(x) for x in self.cand.text_keys[safe.reshape(-1)].tolist()]
                 cand_caps = [str(x) for x in self.cand.captions[safe.reshape(-1)].tolist()]
                 position: dict[str, int] = {}
@@ -284,7 +319,7 @@ class TargetJoiner:
                         texts.append(cap)
                     index.append(position[cap])
                 topk_text_index = torch.tensor(index, dtype=torch.long).reshape(idx.shape)
-                clip_rows = self.clip.text_rows(cand_keys) if self.clip is not None else None
+                clip_rows = self.clip.text_rows(cand_keys) if self.clip is not None and not self.derived else None
                 cand_clip_emb = (
                     _t(self.clip.text_emb(clip_rows)).reshape(*idx.shape, -1) if clip_rows is not None else None
                 )
@@ -306,7 +341,7 @@ class TargetJoiner:
                 topk_image_index = torch.tensor([where.get(k, 0) for k in cand_keys], dtype=torch.long).reshape(
                     idx.shape
                 )
-                clip_rows = self.clip.image_rows(cand_keys) if self.clip is not None else None
+                clip_rows = self.clip.image_rows(cand_keys) if self.clip is not None and not self.derived else None
                 cand_clip_emb = (
                     _t(self.clip.image_emb(clip_rows)).reshape(*idx.shape, -1) if clip_rows is not None else None
                 )
@@ -331,17 +366,27 @@ class TargetJoiner:
 # ------------------------------------------------------------------------------------------------- the run's caches
 def open_caches(
     paths: Iterable[str], *, shards: list[str], index: ShardIndex | None = None
-) -> tuple[CacheReader | None, CacheReader | None]:
+) -> tuple[CacheReader | DerivedReader | None, CacheReader | None]:
     """Open and check the run's caches: at most one dual-stream and one single-stream, complete, built on the run's
-    shards (per-shard sha256 when the cache records it, and the sample keys).
+    shards (per-shard sha256 when the cache records it, and the sample keys); or one derived cache (``mcad-cache
+    integrate``), optionally with the parent caches it was made from.
+
+    A derived cache replaces its parents: it is returned in the dual-stream slot (``(derived, None)``), and any
+    parent given beside it is compared with the fingerprint the derived cache recorded (a stale parent is refused).
 
     Returns:
-        (clip reader or None, single-stream reader or None).
+        (clip reader, derived reader or None; single-stream reader or None).
     Raises:
-        CacheNotFoundError, CacheSchemaError, CacheIncompleteError, CacheMismatchError.
+        CacheNotFoundError, CacheSchemaError, CacheIncompleteError, CacheMismatchError (a readable diff).
     """
-    clip = single = None
+    clip = single = derived = None
     for path in paths:
+        if is_derived(path):
+            if derived is not None:
+                raise CacheSchemaError(f"two derived caches given ({derived.path}, {path}); pass one")
+            derived = open_derived(path).require(complete=True)
+            check_cache_data(derived, shards, index=index)
+            continue
         reader = open_cache(path).require(complete=True)
         check_cache_data(reader, shards, index=index)
         if reader.kind == "dual":
@@ -352,6 +397,17 @@ def open_caches(
             if single is not None:
                 raise CacheSchemaError(f"two single-stream caches given ({single.path}, {reader.path}); pass one")
             single = reader
+    if derived is not None:
+        recorded = derived.fingerprint.get("parents", {})
+        for name, reader in (("clip", clip), ("single", single)):
+            if reader is not None:
+                diff = parents_diff(recorded.get(name, {}), reader.fingerprint)
+                if diff:
+                    raise CacheMismatchError(
+                        f"{derived.path} was made from another {name} parent than {reader.path}; rerun "
+                        f"`mcad-cache integrate` on the current caches:{diff}"
+                    )
+        return derived, None
     if single is not None and clip is None:
         raise CacheSchemaError(f"{single.path} is single-stream; distillation also needs a dual-stream (CLIP) cache")
     return clip, single
@@ -367,7 +423,9 @@ def _shard_records(fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:
     return None
 
 
-def check_cache_data(reader: CacheReader, shards: list[str], *, index: ShardIndex | None = None) -> None:
+def check_cache_data(
+    reader: CacheReader | DerivedReader, shards: list[str], *, index: ShardIndex | None = None
+) -> None:
     """Refuse a cache built on other data than ``shards``: per-shard sha256 (when the cache records shard records
     ``{"name", "sha256"}``) and the sample keys (every cached key must be in the run's shards).
 
@@ -391,4 +449,11 @@ def check_cache_data(reader: CacheReader, shards: list[str], *, index: ShardInde
         )
 
 
-__all__ = ["CandidateImages", "TargetJoiner", "check_cache_data", "check_caches_match", "open_caches"]
+__all__ = [
+    "DERIVED_FIELDS",
+    "CandidateImages",
+    "TargetJoiner",
+    "check_cache_data",
+    "check_caches_match",
+    "open_caches",
+]

@@ -11,18 +11,29 @@ from mcad_cache.losses.config import AGGREGATIONS, FEATURE_SOURCES, PRESETS, Los
 from mcad_cache.losses.functional import (
     FEATURE_KINDS,
     ITM_SCORES,
+    TOPK_LOSSES,
     duplicate_positives,
     feature_loss,
     itc_loss,
     itm_scores,
     kd_loss,
     kd_loss_from_log_probs,
+    listmle_loss,
     logit_fusion_logits,
     masked_log_softmax,
     mixture_log_probs,
+    pairwise_rank_loss,
 )
 from mcad_cache.losses.inputs import PER_CANDIDATE, StudentOutputs, TeacherTargets
-from mcad_cache.losses.integration import INTEGRATIONS, Integration, TargetIntegration, get_integration
+from mcad_cache.losses.integration import (
+    INTEGRATIONS,
+    Integration,
+    TargetIntegration,
+    get_integration,
+    integration_objective,
+    modified_direction,
+    modified_targets,
+)
 from mcad_cache.losses.mcad import MCADLoss
 
 __all__ = [
@@ -33,6 +44,7 @@ __all__ = [
     "ITM_SCORES",
     "PER_CANDIDATE",
     "PRESETS",
+    "TOPK_LOSSES",
     "Integration",
     "LossConfig",
     "MCADLoss",
@@ -42,12 +54,17 @@ __all__ = [
     "duplicate_positives",
     "feature_loss",
     "get_integration",
+    "integration_objective",
     "itc_loss",
     "itm_scores",
     "kd_loss",
     "kd_loss_from_log_probs",
+    "listmle_loss",
     "logit_fusion_logits",
     "masked_log_softmax",
     "mixture_log_probs",
+    "modified_direction",
+    "modified_targets",
+    "pairwise_rank_loss",
     "preset",
 ]

@@ -11,12 +11,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mcad_cache.losses.functional import FEATURE_KINDS, ITM_SCORES
+from mcad_cache.losses.functional import FEATURE_KINDS, ITM_SCORES, TOPK_LOSSES
 from mcad_cache.losses.integration import DIRECTIONS, INTEGRATIONS, Integration
 
 FEATURE_SOURCES = ("emb", "feat")
 AGGREGATIONS = ("itm_softmax", "mean")
-PRESETS = ("contrastive", "clip-kd", "clip-kd-feat", "single-topk", "mcad")
+PRESETS = ("contrastive", "clip-kd", "clip-kd-feat", "single-topk", "mcad", "mcad-rank", "mcad-online")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class LossConfig:
     # ---- KD temperatures (applied to both teacher and student logits, loss scaled by τ²) ----
     kd_temperature: float = 1.0  # in-batch τ. Our choice: 1 = each model's own logit scale (CLIP-KD, Yang et al. 2024)
     topk_temperature: float = 1.0  # top-k τ. Our choice (as kd_temperature)
+    topk_loss: str = "kl"  # top-k term: kl (distribution) | listmle | pairwise (teacher's order; CPRD, CVPR 2024)
     # ---- teacher score temperatures (turn cached scores into teacher logits) ----
     tau_clip: float | None = None  # on CLIP cosines; None = 1 / clip_logit_scale, the teacher's own (CLIP)
     tau_itm: float = 1.0  # on ITM scores; raw logits as ALBEF's retrieval ranks them (our choice of 1)
@@ -65,6 +66,7 @@ class LossConfig:
             ("feat_kind", self.feat_kind, FEATURE_KINDS),
             ("feat_source", self.feat_source, FEATURE_SOURCES),
             ("aggregate", self.aggregate, AGGREGATIONS),
+            ("topk_loss", self.topk_loss, TOPK_LOSSES),
         ):
             if value not in allowed:
                 raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
@@ -159,7 +161,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
         w_fusion_itm=1.0,
         w_fusion_ss=0.0,
     ),
-    "mcad": dict(integration="modified_features"),
+    # Full MCAD: fixed targets from a derived cache (`mcad-cache integrate`: the integration module trained once,
+    # offline, on the teacher caches). mcad-rank: the same targets, top-k terms as ListMLE over the teacher's order.
+    # mcad-online: the integration module trained inside the student's optimiser (the old `mcad`; measured to stay
+    # near CLIP-KD, docs/losses.md).
+    "mcad": dict(integration="derived", w_integration=0.0),
+    "mcad-rank": dict(integration="derived", w_integration=0.0, topk_loss="listmle"),
+    "mcad-online": dict(integration="modified_features"),
 }
 
 
@@ -168,7 +176,8 @@ def preset(name: str, **overrides: Any) -> LossConfig:
 
     Presets and their loss keys: ``contrastive`` {itc}; ``clip-kd`` {itc, kd_i2t, kd_t2i}; ``clip-kd-feat``
     {itc, kd_i2t, kd_t2i, feat}; ``single-topk`` {itc, topk_i2t, topk_t2i} (teacher: ITM over the top-k);
-    ``mcad`` {itc, kd_i2t, kd_t2i, topk_i2t, topk_t2i, feat, integration} (modified features by default).
+    ``mcad`` {itc, kd_i2t, kd_t2i, topk_i2t, topk_t2i, feat} with fixed targets from a derived cache;
+    ``mcad-rank`` the same with ListMLE top-k terms; ``mcad-online`` {..., integration} (module trained online).
 
     Raises:
         ValueError: unknown preset (lists ``PRESETS``), unknown field, or a bad value.

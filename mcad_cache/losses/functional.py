@@ -15,6 +15,7 @@ from torch import Tensor
 
 ITM_SCORES = ("pos_logit", "log_odds")
 FEATURE_KINDS = ("cosine", "mse")
+TOPK_LOSSES = ("kl", "listmle", "pairwise")
 
 
 def itc_loss(logits_i2t: Tensor, *, positives: Tensor | None = None) -> Tensor:
@@ -153,17 +154,18 @@ def kd_loss(
 
 
 def feature_loss(student: Tensor, teacher: Tensor, *, kind: str = "cosine") -> Tensor:
-    """Feature alignment between (already projected) student features and teacher features.
+    """Feature alignment between (already projected) student features and teacher features, both L2-normalised.
 
-    Source: CLIP-KD (Yang et al. 2024) feature distillation uses MSE; MCAD aligns features (form not public).
+    Source: CLIP-KD (Yang et al. 2024) feature distillation: MSE on L2-normalised features (their weight 2000 on the
+    element mean at D = 512 is about 8 · (1 − cos)); MCAD aligns features (form not public).
 
     Args:
-        student: [B, Dc] student features mapped into the teacher's space, float.
-        teacher: [B, Dc] teacher features (L2-normalised CLIP or modified features), float32, no gradient needed.
-        kind: ``"cosine"`` = mean over B of ``1 - cos(student, teacher)`` (scale-free); ``"mse"`` = ``F.mse_loss``
-            (mean over B · Dc elements) on the raw vectors.
+        student: [B, Dc] student features mapped into the teacher's space, float (normalised here).
+        teacher: [B, Dc] teacher features (CLIP or modified), float32, no gradient needed (normalised here).
+        kind: ``"cosine"`` = mean over B of ``1 - cos(student, teacher)``; ``"mse"`` = mean over B of the squared
+            L2 distance of the normalised vectors, ``‖ŝ − t̂‖² = 2 (1 − cos)`` (CLIP-KD's form; independent of Dc).
     Returns:
-        Scalar float32; 0 when the two agree (cosine: same direction; mse: equal).
+        Scalar float32; 0 when the two point the same way.
     Raises:
         ValueError: shapes differ or unknown ``kind``.
     """
@@ -172,8 +174,89 @@ def feature_loss(student: Tensor, teacher: Tensor, *, kind: str = "cosine") -> T
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
     if kind == "mse":
-        return F.mse_loss(student.float(), teacher.float())
+        s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+        return (s - t).pow(2).sum(-1).mean()
     raise ValueError(f"feature_loss kind must be one of {FEATURE_KINDS}, got {kind!r}")
+
+
+def _teacher_order(teacher_log_probs: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Candidate order by descending teacher probability (invalid last) and the validity in that order."""
+    lp = teacher_log_probs.float()
+    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask.bool()
+    key = torch.where(valid, torch.nan_to_num(lp, nan=-1e30, neginf=-1e30), torch.full_like(lp, -float("inf")))
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    return order, torch.gather(valid, -1, order)
+
+
+def listmle_loss(
+    student_logits: Tensor, teacher_log_probs: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """ListMLE over the teacher's order of each query's valid candidates: ``−log P_PL(π_T | s / τ)``.
+
+    Source: Xia et al. 2008 (ListMLE); distilling a cross-encoder's *order* of hard negatives instead of its
+    concentrated scores: CPRD (CVPR 2024). Per query, ``Σ_j [logsumexp_{l ≥ j} z_{π_l} − z_{π_j}]`` over the valid
+    candidates sorted by teacher probability (π_T), ``z = student_logits / τ``; divided by the number of valid
+    candidates (our choice, so K does not scale the weight); mean over queries with at least two valid candidates.
+
+    Args:
+        student_logits: [B, K] scaled student logits.
+        teacher_log_probs: [B, K] teacher log-probabilities (only their order is used).
+        temperature: τ > 0 on the student logits.
+        mask: [B, K] bool or None (all valid).
+    Returns:
+        Scalar float32 (0 with a gradient path when no query has two valid candidates).
+    Raises:
+        ValueError: shapes differ or ``temperature <= 0``.
+    """
+    if student_logits.shape != teacher_log_probs.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} vs teacher {tuple(teacher_log_probs.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    order, valid = _teacher_order(teacher_log_probs, mask)
+    z = torch.gather(student_logits.float() / temperature, -1, order).masked_fill(~valid, -float("inf"))
+    tail = torch.logcumsumexp(z.flip(-1), dim=-1).flip(-1)  # logsumexp over positions l >= j
+    per = torch.where(valid, tail - z, torch.zeros_like(z)).sum(-1)
+    n = valid.sum(-1)
+    ok = n >= 2
+    if not bool(ok.any()):
+        return student_logits.float().sum() * 0.0
+    return (per[ok] / n[ok].float()).mean()
+
+
+def pairwise_rank_loss(
+    student_logits: Tensor, teacher_log_probs: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """Pairwise logistic ranking loss (RankNet) over the teacher's preferences among a query's valid candidates.
+
+    Source: Burges et al. 2005 (RankNet); order distillation as in CPRD (CVPR 2024). For every valid pair with
+    ``p_T(a) > p_T(b)``: ``softplus(−(z_a − z_b))``, ``z = student_logits / τ``; mean over those pairs, then over
+    queries that have one (our normalisation).
+
+    Args:
+        student_logits: [B, K] scaled student logits.
+        teacher_log_probs: [B, K] teacher log-probabilities (only their order is used; ties give no pair).
+        temperature: τ > 0 on the student logits.
+        mask: [B, K] bool or None.
+    Returns:
+        Scalar float32.
+    Raises:
+        ValueError: shapes differ or ``temperature <= 0``.
+    """
+    if student_logits.shape != teacher_log_probs.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} vs teacher {tuple(teacher_log_probs.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    valid = torch.ones_like(student_logits, dtype=torch.bool) if mask is None else mask.bool()
+    lp = torch.nan_to_num(teacher_log_probs.float(), nan=-1e30, neginf=-1e30)
+    z = student_logits.float() / temperature
+    prefer = (lp[:, :, None] > lp[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    loss = F.softplus(-(z[:, :, None] - z[:, None, :]))
+    n = prefer.sum((1, 2))
+    ok = n > 0
+    if not bool(ok.any()):
+        return student_logits.float().sum() * 0.0
+    per = torch.where(prefer, loss, torch.zeros_like(loss)).sum((1, 2))
+    return (per[ok] / n[ok].float()).mean()
 
 
 def itm_scores(itm_logits: Tensor, *, kind: str = "pos_logit") -> Tensor:
@@ -253,13 +336,16 @@ def mixture_log_probs(
 __all__ = [
     "FEATURE_KINDS",
     "ITM_SCORES",
+    "TOPK_LOSSES",
     "duplicate_positives",
     "feature_loss",
     "itc_loss",
     "itm_scores",
     "kd_loss",
     "kd_loss_from_log_probs",
+    "listmle_loss",
     "logit_fusion_logits",
     "masked_log_softmax",
     "mixture_log_probs",
+    "pairwise_rank_loss",
 ]

@@ -62,6 +62,11 @@ class TeacherTargets:
         valid_t2i: [B, K] bool, as valid_i2t.
         is_positive_i2t: [B, K] bool, candidate caption is a ground-truth caption of image i.
         is_positive_t2i: [B, K] bool, candidate image is caption i's ground-truth image.
+        topk_logits_i2t: [B, K] fixed teacher log-probabilities (τ = 1) over image i's candidates, read from a derived
+            cache (``mcad-cache integrate``); NaN / any value at invalid slots (masked).
+        topk_logits_t2i: [B, K] as topk_logits_i2t, caption queries.
+        positives: [B, B] bool in-batch positives (``duplicate_positives``: same sample or same caption text), used by
+            the ITC terms when ``MCADLoss.forward`` gets no ``positives`` argument. None = the diagonal only.
     """
 
     clip_image_emb: Tensor | None = None
@@ -82,6 +87,9 @@ class TeacherTargets:
     valid_t2i: Tensor | None = None
     is_positive_i2t: Tensor | None = None
     is_positive_t2i: Tensor | None = None
+    topk_logits_i2t: Tensor | None = None
+    topk_logits_t2i: Tensor | None = None
+    positives: Tensor | None = None
 
     def to(self, device: torch.device | str) -> TeacherTargets:
         """A copy with every tensor on ``device`` (floats as float32, masks as bool)."""
@@ -95,8 +103,22 @@ class TeacherTargets:
 
 
 PER_CANDIDATE = {
-    "i2t": ("clip_topk_sims_i2t", "clip_topk_text_emb", "itm_logits_i2t", "ss_sims_i2t", "fused_cls_i2t"),
-    "t2i": ("clip_topk_sims_t2i", "clip_topk_image_emb", "itm_logits_t2i", "ss_sims_t2i", "fused_cls_t2i"),
+    "i2t": (
+        "clip_topk_sims_i2t",
+        "clip_topk_text_emb",
+        "itm_logits_i2t",
+        "ss_sims_i2t",
+        "fused_cls_i2t",
+        "topk_logits_i2t",
+    ),
+    "t2i": (
+        "clip_topk_sims_t2i",
+        "clip_topk_image_emb",
+        "itm_logits_t2i",
+        "ss_sims_t2i",
+        "fused_cls_t2i",
+        "topk_logits_t2i",
+    ),
 }
 
 
@@ -118,6 +140,7 @@ def zero_invalid(teacher: TeacherTargets) -> TeacherTargets:
 
 
 def require(obj: Any, name: str, why: str) -> Any:
+    """``obj.name``; raises ``ValueError`` naming the field and the term that needs it when it is None."""
     value = getattr(obj, name)
     if value is None:
         raise ValueError(f"{type(obj).__name__}.{name} is None but {why} needs it")

@@ -12,6 +12,12 @@ Modes (formulas: docs/losses.md; DESIGN.md "The MCAD losses"):
 - ``mixture``: ``p_T = Σ_m w̄_m softmax(s_m / tau_m / τ)``.
 - ``modified_features`` (ours): CLIP features plus a learned, gated projection of the fused [CLS]
   (:class:`TargetIntegration`), giving modified top-k similarities ``s'`` and ``p_T = softmax(s' / tau_clip / τ)``.
+  Trained online by ``integration_loss`` (the ``mcad-online`` preset), or once, offline, by ``mcad-cache integrate``.
+- ``derived``: fixed targets read from a derived cache written by ``mcad-cache integrate`` (any of the above,
+  computed once): ``p_T = softmax(l / τ)`` with ``l`` the stored log-probabilities (``TeacherTargets.topk_logits_*``).
+
+:func:`modified_targets` and :func:`integration_objective` are the module's forward and its training objective,
+shared by ``MCADLoss`` (online) and ``mcad_cache.integrate`` (offline).
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcad_cache.losses.functional import itm_scores, logit_fusion_logits, masked_log_softmax, mixture_log_probs
+from mcad_cache.losses.functional import (
+    itc_loss,
+    itm_scores,
+    kd_loss_from_log_probs,
+    logit_fusion_logits,
+    masked_log_softmax,
+    mixture_log_probs,
+)
 from mcad_cache.losses.inputs import TeacherTargets, require
 
 if TYPE_CHECKING:
@@ -156,6 +169,93 @@ class TargetIntegration(nn.Module):
         else:
             raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
         return (v * t).sum(-1)
+
+
+def modified_direction(
+    module: TargetIntegration, config: LossConfig, teacher: TeacherTargets, direction: str
+) -> dict[str, Tensor]:
+    """The modified features of one direction's queries, with gradient into ``module``.
+
+    Args:
+        module: the integration module.
+        config: ``itm_score``, ``tau_itm``, ``aggregate``.
+        teacher: needs ``fused_cls_<d>``, ``clip_topk_<cand>_emb``, ``itm_logits_<d>``, the query CLIP embeddings
+            (``clip_image_emb`` for i2t, ``clip_text_emb`` for t2i) and optionally ``valid_<d>``.
+        direction: ``"i2t"`` or ``"t2i"``.
+    Returns:
+        ``anchor`` [B, Dc] modified query features (``v'`` for i2t, ``t'`` for t2i), L2-normalised; ``topk_sims``
+        [B, K] modified cosines ``c'``; ``itm`` [B, K] ITM scores.
+    Raises:
+        ValueError: a needed field is None; the message names it (a loader that skipped a direction is an error,
+            never a silently unmodified side).
+    """
+    cand = dict(DIRECTIONS)[direction]
+    why = f"modified features ({direction})"
+    query_name = "clip_image_emb" if direction == "i2t" else "clip_text_emb"
+    query = require(teacher, query_name, why).float()
+    fused = require(teacher, f"fused_cls_{direction}", why).float()
+    cand_emb = require(teacher, f"clip_topk_{cand}_emb", why).float()
+    itm = itm_scores(require(teacher, f"itm_logits_{direction}", why), kind=config.itm_score)
+    valid = getattr(teacher, f"valid_{direction}")
+    pooled, row_ok = pool_fused(fused, itm / config.tau_itm if config.aggregate == "itm_softmax" else None, valid)
+    modify = module.modify_image if direction == "i2t" else module.modify_text
+    return {
+        "anchor": modify(query, pooled, row_ok),
+        "topk_sims": module.topk_sims(query, cand_emb, fused, direction=direction),
+        "itm": itm,
+    }
+
+
+def modified_targets(module: TargetIntegration, config: LossConfig, teacher: TeacherTargets) -> dict[str, Tensor]:
+    """Both directions of :func:`modified_direction`: ``image`` [B, Dc] (``v'``), ``text`` [B, Dc] (``t'``),
+    ``topk_sims_i2t`` / ``topk_sims_t2i`` [B, K], ``itm_i2t`` / ``itm_t2i`` [B, K].
+
+    Raises:
+        ValueError: a field either direction needs is None (named).
+    """
+    out: dict[str, Tensor] = {}
+    for d, anchor in (("i2t", "image"), ("t2i", "text")):
+        one = modified_direction(module, config, teacher, d)
+        out[anchor], out[f"topk_sims_{d}"], out[f"itm_{d}"] = one["anchor"], one["topk_sims"], one["itm"]
+    return out
+
+
+def integration_objective(
+    config: LossConfig, teacher: TeacherTargets, modified: dict[str, Tensor], positives: Tensor | None = None
+) -> Tensor:
+    """The objective that trains the integration module (teacher side only; docs/losses.md), scalar float32:
+    ``w_int_itc`` · ITC of the modified anchors on ground truth (``positives``: in-batch duplicates)
+    + ``w_int_itm`` · ½ Σ_dir KL(softmax(a / τ_A) ‖ softmax(c' / τ_C)) over the valid top-k
+    + ``w_int_topk_gt`` · ½ Σ_dir −log Σ_{positive j} softmax(c' / τ_C)_j. All three: ours.
+
+    Args:
+        config: the weights and temperatures.
+        teacher: ``valid_*``, ``clip_logit_scale`` (when ``tau_clip`` is None), ``is_positive_*`` (gt term).
+        modified: :func:`modified_targets` (``image_all`` / ``text_all``, when present, are the gathered anchors).
+        positives: [B, B] bool or None.
+    """
+    total = torch.zeros((), device=modified["image"].device)
+    tau_c = tau_clip(config, teacher)
+    if config.w_int_itc > 0:
+        v_all, t_all = modified.get("image_all", modified["image"]), modified.get("text_all", modified["text"])
+        total = total + config.w_int_itc * itc_loss(v_all @ t_all.t() / tau_c, positives=positives)
+    for d in ("i2t", "t2i"):
+        z_mod = modified[f"topk_sims_{d}"] / tau_c
+        mask = getattr(teacher, f"valid_{d}")
+        mask = mask.bool() if mask is not None else None
+        if config.w_int_itm > 0:
+            teacher_lp = masked_log_softmax(modified[f"itm_{d}"] / config.tau_itm, mask)
+            total = total + config.w_int_itm * 0.5 * kd_loss_from_log_probs(z_mod, teacher_lp, mask=mask)
+        if config.w_int_topk_gt > 0:
+            pos = require(teacher, f"is_positive_{d}", "w_int_topk_gt > 0").bool()
+            if mask is not None:
+                pos = pos & mask
+            log_p = masked_log_softmax(z_mod, mask)
+            has_pos = pos.any(-1)
+            if bool(has_pos.any()):
+                lp_pos = torch.logsumexp(log_p.masked_fill(~pos, float("-inf")), dim=-1)
+                total = total - config.w_int_topk_gt * 0.5 * lp_pos[has_pos].mean()
+    return total
 
 
 # ------------------------------------------------------------------------------------------------------ the modes
@@ -326,8 +426,24 @@ class ModifiedFeatures(Integration):
         return masked_log_softmax(z / config.topk_temperature, getattr(teacher, f"valid_{direction}"))
 
 
+class Derived(Integration):
+    """``derived``: fixed targets of a derived cache (``mcad-cache integrate``); nothing is learned here."""
+
+    name = "derived"
+
+    def topk_inputs(self, config: LossConfig, direction: str) -> set[str]:
+        return {f"topk_logits_{direction}"}
+
+    def teacher_log_probs(
+        self, config: LossConfig, teacher: TeacherTargets, direction: str, modified: dict[str, Tensor] | None
+    ) -> Tensor:
+        why = f"topk_{direction} (fixed targets: pass a derived cache written by `mcad-cache integrate`)"
+        logits = require(teacher, f"topk_logits_{direction}", why).float()
+        return masked_log_softmax(logits / config.topk_temperature, getattr(teacher, f"valid_{direction}"))
+
+
 INTEGRATIONS: dict[str, Integration] = {
-    mode.name: mode for mode in (ClipOnly(), LogitFusion(), Mixture(), ModifiedFeatures())
+    mode.name: mode for mode in (ClipOnly(), LogitFusion(), Mixture(), ModifiedFeatures(), Derived())
 }  # the one table of integration modes; LossConfig.integration is a key of it
 
 
@@ -345,6 +461,7 @@ def get_integration(name: str) -> Integration:
 __all__ = [
     "INTEGRATIONS",
     "ClipOnly",
+    "Derived",
     "Integration",
     "LogitFusion",
     "Mixture",
@@ -352,6 +469,9 @@ __all__ = [
     "TargetIntegration",
     "clip_topk_sims",
     "get_integration",
+    "integration_objective",
+    "modified_direction",
+    "modified_targets",
     "pool_fused",
     "tau_clip",
     "tau_ss",

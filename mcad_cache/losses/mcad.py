@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcad_cache.losses.config import LossConfig
@@ -22,13 +21,16 @@ from mcad_cache.losses.distributed import gather_with_grad, identity, world_size
 from mcad_cache.losses.functional import (
     feature_loss,
     itc_loss,
-    itm_scores,
     kd_loss,
     kd_loss_from_log_probs,
-    masked_log_softmax,
+    listmle_loss,
+    pairwise_rank_loss,
 )
 from mcad_cache.losses.inputs import StudentOutputs, TeacherTargets, require, zero_invalid
-from mcad_cache.losses.integration import DIRECTIONS, TargetIntegration, pool_fused, tau_clip
+from mcad_cache.losses.integration import TargetIntegration, integration_objective, modified_targets, tau_clip
+
+# top-k term by LossConfig.topk_loss: (student_logits, teacher_log_probs, *, temperature, mask) -> scalar
+TOPK_TERMS = {"kl": kd_loss_from_log_probs, "listmle": listmle_loss, "pairwise": pairwise_rank_loss}
 
 _logger = logging.getLogger(__name__)
 
@@ -106,38 +108,14 @@ class MCADLoss(nn.Module):
         return tau_clip(self.config, teacher)
 
     def _modified(self, teacher: TeacherTargets) -> dict[str, Tensor]:
-        """Modified anchor features and top-k sims (with gradient into the integration module)."""
+        """Modified anchor features and top-k sims of both directions (with gradient into the integration module).
+
+        Raises:
+            ValueError: a field either direction needs is None (named): every direction is modified, also one whose
+                top-k term is off (``w_topk_t2i = 0`` still trains ``proj_text`` / ``gate_text``).
+        """
         assert self.integration is not None
-        cfg = self.config
-        out: dict[str, Tensor] = {}
-        v = require(teacher, "clip_image_emb", "modified_features").float()
-        t = require(teacher, "clip_text_emb", "modified_features").float()
-        for d, cand in DIRECTIONS:
-            fused = getattr(teacher, f"fused_cls_{d}")
-            if fused is None:
-                continue
-            valid = getattr(teacher, f"valid_{d}")
-            itm = getattr(teacher, f"itm_logits_{d}")
-            pool_logits = None
-            if cfg.aggregate == "itm_softmax":
-                pool_logits = (
-                    itm_scores(require(teacher, f"itm_logits_{d}", "aggregate='itm_softmax'"), kind=cfg.itm_score)
-                    / cfg.tau_itm
-                )
-            pooled, row_ok = pool_fused(fused, pool_logits, valid)
-            if d == "i2t":
-                out["image"] = self.integration.modify_image(v, pooled, row_ok)
-            else:
-                out["text"] = self.integration.modify_text(t, pooled, row_ok)
-            cand_emb = getattr(teacher, f"clip_topk_{cand}_emb")
-            if cand_emb is not None:
-                query = v if d == "i2t" else t
-                out[f"topk_sims_{d}"] = self.integration.topk_sims(query, cand_emb, fused, direction=d)
-            if itm is not None:
-                out[f"itm_{d}"] = itm_scores(itm, kind=cfg.itm_score)
-        out.setdefault("image", F.normalize(v, dim=-1))
-        out.setdefault("text", F.normalize(t, dim=-1))
-        return out
+        return modified_targets(self.integration, self.config, teacher)
 
     def topk_teacher_log_probs(
         self, teacher: TeacherTargets, direction: str, modified: dict[str, Tensor] | None = None
@@ -161,11 +139,14 @@ class MCADLoss(nn.Module):
             teacher: cached teacher targets (see ``TeacherTargets``); ``LossConfig.required_inputs()`` lists the
                 fields needed.
             positives: optional [B, B] bool in-batch positives for the ITC terms (``duplicate_positives``): the same
-                image or the same caption text on two anchors. None = only the diagonal (open_clip ``ClipLoss``).
+                image or the same caption text on two anchors. None = ``teacher.positives`` (set by the join), else
+                only the diagonal (open_clip ``ClipLoss``).
         Returns:
             ``{"itc_loss", "kd_i2t_loss", "kd_t2i_loss", "topk_i2t_loss", "topk_t2i_loss", "feat_loss",
             "integration_loss"}`` restricted to ``config.loss_keys()``, each a weighted scalar float32, plus
-            ``"loss"``, their sum.
+            ``"loss"``: the sum of the **student's** terms. ``integration_loss`` (teacher side) is logged apart: it
+            enters ``loss`` as ``x - x.detach()``, which adds its gradient (to the module only) and nothing to the
+            value, so ``loss`` curves compare across presets.
         Raises:
             ValueError: a needed input is None, or shapes disagree.
         """
@@ -179,6 +160,8 @@ class MCADLoss(nn.Module):
     ) -> dict[str, Tensor]:
         cfg = self.config
         teacher = zero_invalid(teacher)
+        if positives is None and teacher.positives is not None:
+            positives = teacher.positives.to(student.image_emb.device)
         out: dict[str, Tensor] = {}
         img = student.image_emb.float()
         txt = student.text_emb.float()
@@ -225,7 +208,7 @@ class MCADLoss(nn.Module):
             mask = getattr(teacher, f"valid_{d}")
             if mask is not None:
                 mask = mask.bool()
-            out[f"topk_{d}_loss"] = weight * kd_loss_from_log_probs(
+            out[f"topk_{d}_loss"] = weight * TOPK_TERMS[cfg.topk_loss](
                 student_logits, log_p, temperature=cfg.topk_temperature, mask=mask
             )
 
@@ -250,44 +233,12 @@ class MCADLoss(nn.Module):
                 * (feature_loss(f_img, v_t, kind=cfg.feat_kind) + feature_loss(f_txt, t_t, kind=cfg.feat_kind))
             )
 
-        if modified is not None and cfg.w_integration > 0:
-            out["integration_loss"] = cfg.w_integration * self._integration_objective(teacher, modified, positives)
-
         out["loss"] = sum(out.values(), torch.zeros((), device=img.device))
+        if modified is not None and cfg.w_integration > 0:
+            teacher_side = cfg.w_integration * integration_objective(cfg, teacher, modified, positives)
+            out["integration_loss"] = teacher_side
+            out["loss"] = out["loss"] + (teacher_side - teacher_side.detach())  # its gradient, not its value
         return out
-
-    def _integration_objective(
-        self, teacher: TeacherTargets, modified: dict[str, Tensor], positives: Tensor | None = None
-    ) -> Tensor:
-        """Trains only the integration module: ITC of modified anchors on ground truth + ITM consistency over top-k
-        (+ optional ground-truth CE over top-k). Scalar float32."""
-        cfg = self.config
-        total = torch.zeros((), device=modified["image"].device)
-        tau_c = self._tau_clip(teacher)
-        if cfg.w_int_itc > 0:
-            v_all, t_all = modified.get("image_all", modified["image"]), modified.get("text_all", modified["text"])
-            logits = v_all @ t_all.t() / tau_c
-            total = total + cfg.w_int_itc * itc_loss(logits, positives=positives)
-        for d in ("i2t", "t2i"):
-            key = f"topk_sims_{d}"
-            if key not in modified:
-                continue
-            z_mod = modified[key] / tau_c
-            mask = getattr(teacher, f"valid_{d}")
-            mask = mask.bool() if mask is not None else None
-            if cfg.w_int_itm > 0 and f"itm_{d}" in modified:
-                teacher_lp = masked_log_softmax(modified[f"itm_{d}"] / cfg.tau_itm, mask)
-                total = total + cfg.w_int_itm * 0.5 * kd_loss_from_log_probs(z_mod, teacher_lp, mask=mask)
-            if cfg.w_int_topk_gt > 0:
-                pos = require(teacher, f"is_positive_{d}", "w_int_topk_gt > 0").bool()
-                if mask is not None:
-                    pos = pos & mask
-                log_p = masked_log_softmax(z_mod, mask)
-                has_pos = pos.any(-1)
-                if bool(has_pos.any()):
-                    lp_pos = torch.logsumexp(log_p.masked_fill(~pos, float("-inf")), dim=-1)
-                    total = total - cfg.w_int_topk_gt * 0.5 * lp_pos[has_pos].mean()
-        return total
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
