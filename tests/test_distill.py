@@ -52,7 +52,7 @@ def cfg(tmp_path, shards, **kw):
         data=tuple(shards),
         out=str(tmp_path / "run"),
         student="tiny",
-        preset="mcad",
+        preset="mcad-online",
         k=3,
         batch_size=4,
         steps=3,
@@ -224,6 +224,8 @@ def test_cli_build_distill_eval_compare(tmp_path):
             "distill",
             *caches,
             *common,
+            "--preset",
+            "mcad-online",
             "--out",
             str(run_dir),
             "--k",
@@ -271,6 +273,8 @@ def test_cli_build_distill_eval_compare(tmp_path):
             "distill",
             *caches,
             *common,
+            "--preset",
+            "mcad-online",
             "--out",
             str(tmp_path / "r2"),
             "--k",
@@ -333,7 +337,7 @@ def test_join_is_by_key_and_dedups_candidate_images(shards, caches):
         fetched.append(list(keys))
         return torch.stack([torch.full((3, 2, 2), float(all_keys.index(k))) for k in keys])
 
-    joiner = TargetJoiner(clip=clip, single=albef, loss_config=preset("mcad"), k=3, candidate_images=candidate_images)
+    joiner = TargetJoiner(clip=clip, single=albef, loss_config=preset("mcad-online"), k=3, candidate_images=candidate_images)
     keys = all_keys[2:7]
     captions = [[str(c) for c in clip.captions[clip.img2txt(clip.image_rows([k])[0])]] for k in keys]
     images = torch.stack([torch.full((3, 2, 2), float(all_keys.index(k))) for k in keys])
