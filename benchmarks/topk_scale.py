@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.distributions, args.query_rows, args.dim, args.nprobe = "3000", "clustered", 128, 64, "4,64"
+        args.pq_m = 8  # 8 B codes: PQ training is most of the quick run
     args.nprobe = [int(x) for x in str(args.nprobe).split(",")] if isinstance(args.nprobe, str) else args.nprobe
     C.setup_run(args)
     import faiss  # type: ignore[import-not-found]

@@ -59,7 +59,7 @@ def test_topk_scale_quick(tmp_path):
     assert m["ivf-flat"]["nprobe"][str(nlist)]["recall_at_k"] == 1.0
     # PQ codes give approximate inner products: even over all lists some true neighbours are missed.
     assert m["ivf-pq"]["nprobe"][str(nlist)]["recall_at_k"] < 1.0
-    assert m["ivf-pq"]["index_bytes"] < m["ivf-flat"]["index_bytes"]  # 32 B codes vs 256 B float32 rows (64-d)
+    assert m["ivf-pq"]["index_bytes"] < m["ivf-flat"]["index_bytes"]  # 8 B codes vs 256 B float32 rows (64-d)
     h = written["headline"][f"clustered_{n}"]
     assert h["exact_s"] == pytest.approx(m["exact"]["seconds"])
     assert h["ivf_flat_recall_at_k"] == 1.0  # headline reports the largest nprobe
