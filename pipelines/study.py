@@ -1,5 +1,5 @@
 """``mcad-cache study``: presets x paired seeds from the same caches, each run evaluated on the test split, then the
-paired statistics and the report (``mcad_cache.study``; docs/study.md in docs/results.md's terms).
+paired statistics and the report (``mcad_cache.study``; docs/results.md).
 
 Each run is wired by the library factory ``mcad_cache.distill.create_distill`` (the same wiring as ``distill``), so a
 seed fixes the student's initialisation, the shuffle and the per-step anchor captions whatever the preset: the runs
