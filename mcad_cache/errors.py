@@ -31,6 +31,11 @@ class BuildLockedError(McadError, RuntimeError):
     """Another process holds the build lock of a cache (two builders must never write the same units)."""
 
 
+class BuildRankError(McadError, RuntimeError):
+    """A multi-rank build whose ranks cannot meet: another world size, or a rank that died or stopped; the message
+    names the ranks and the units they have not committed."""
+
+
 class CacheIncompleteError(McadError, RuntimeError):
     """A cache whose manifest is not marked complete (a build was interrupted: rerun it to resume)."""
 
