@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mcad_cache.build.fingerprint import supports_itm
 from mcad_cache.build.units import ImageSource, UnitAccumulator, owned_units, slots_in_unit
 from mcad_cache.cache.writer import CacheWriter
 from mcad_cache.data import SKIP_REASONS
@@ -32,9 +33,13 @@ def pass_image_embeddings(
     precision: str,
     rank: int = 0,
     world_size: int = 1,
+    keep_tokens: Callable[[int, list[int], int, torch.Tensor], None] | None = None,
 ) -> None:
     """Pass 1, images: write ``image_emb`` [N_i, D] (storage dtype; NaN rows invalid), ``image_valid`` [N_i] bool
     and ``image_skip`` [N_i] int8 for every ``image_emb`` unit of this rank not yet done, one unit at a time.
+    ``keep_tokens`` (single-stream teachers, ``build.itm.TokenScratch``): the embedding is computed from the image
+    tokens (``encode_image_from_tokens(image_tokens(x))``, the same values) and the tokens are handed over as
+    ``keep_tokens(unit, valid rows, first row of the batch slot, image_tokens [n, L, C])`` for pass 3a.
 
     Raises:
         NonFiniteError: a non-finite embedding, or one beyond the float16 range (names the sample key).
@@ -69,10 +74,16 @@ def pass_image_embeddings(
         a, b = writer.unit_range("image_emb", unit)
         buf = acc.get(unit, make(unit))
         ok = [i for i, im in enumerate(batch_images) if im is not None]
-        if ok:
-            batch = torch.stack([batch_images[i] for i in ok]).to(device)
+        if keep_tokens is not None and supports_itm(teacher):
+            batch = torch.stack([batch_images[i] for i in ok]).to(device) if ok else None
             with autocast(device, precision):
-                emb = teacher.encode_image(batch)
+                image_tokens = teacher.image_tokens(batch) if batch is not None else torch.empty(0)
+                emb = teacher.encode_image_from_tokens(image_tokens) if batch is not None else None
+            keep_tokens(unit, [slot_rows[i] for i in ok], slot_rows[0], image_tokens)
+        elif ok:
+            with autocast(device, precision):
+                emb = teacher.encode_image(torch.stack([batch_images[i] for i in ok]).to(device))
+        if ok:
             local = np.array([slot_rows[i] - a for i in ok])
             buf["emb"][local] = emb.float().cpu().numpy()
             buf["valid"][local] = True

@@ -30,16 +30,17 @@ from mcad_cache.build.candidates import pass_topk
 from mcad_cache.build.coordination import BuildLock, open_existing, wait_done, wait_for_layout
 from mcad_cache.build.embeddings import pass_image_embeddings, pass_text_embeddings
 from mcad_cache.build.fingerprint import build_fingerprint, supports_itm
-from mcad_cache.build.itm import pass_itm_images, pass_itm_texts, scratch_dir
+from mcad_cache.build.itm import TokenScratch, pass_itm_images, pass_itm_texts, scratch_dir
 from mcad_cache.build.layout import MAX_SKIP_EXAMPLES, Rows, create_cache, rows_from_store, scan_rows
 from mcad_cache.build.units import ImageSource
 from mcad_cache.cache.manifest import utc_now
 from mcad_cache.cache.reader import CacheReader, open_cache
-from mcad_cache.cache.writer import STAGES, CacheWriter
+from mcad_cache.cache.writer import STAGES, CacheWriter, is_cache_dir
 from mcad_cache.config import BuildConfig
 from mcad_cache.data import SKIP_REASONS, DecodePolicy, expand_shards
+from mcad_cache.data.decode import reset_pil_flags
 from mcad_cache.data.transforms import make_image_transform
-from mcad_cache.errors import CacheSchemaError, DataSourceError
+from mcad_cache.errors import CacheSchemaError, DataSourceError, OutputPathError
 from mcad_cache.hashing import file_sha256
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.teachers.base import Teacher
@@ -92,6 +93,24 @@ def open_candidate_source(path: str, *, k: int) -> CacheReader | None:
     return src
 
 
+def refuse_foreign_out(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is neither empty nor an mcad-cache cache, with or without ``--overwrite``:
+    the build deletes only what it made (a cache, recognised by its manifest), never a user's folder or file.
+
+    Raises:
+        OutputPathError: names the path and what to do.
+    """
+    if not out.exists() or is_cache_dir(out):
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    what = "a folder that is not an mcad-cache cache (no manifest)" if out.is_dir() else "a file"
+    raise OutputPathError(
+        f"--out {out}: is {what}; the build never deletes or writes into it, --overwrite included; "
+        "choose another --out (a new or empty folder, or an existing cache)"
+    )
+
+
 class _Timer:
     """Seconds per stage, summed over repeats."""
 
@@ -125,7 +144,8 @@ def build_cache(
     Raises:
         TypeError: a single-stream teacher without the ``SingleStreamTeacher`` abilities.
         CacheMismatchError: a cache built with another fingerprint exists at ``config.out`` (the message is a diff;
-            pass ``overwrite`` to replace it), or ``out`` holds something that is not a cache.
+            pass ``overwrite`` to replace it).
+        OutputPathError: ``out`` holds something that is not a cache (never deleted, ``overwrite`` or not).
         BuildLockedError: another build process writes ``config.out``.
         DataSourceError: no usable sample in the shards.
         DataError: ``strict`` and a bad sample.
@@ -133,6 +153,7 @@ def build_cache(
     """
     t_start = time.perf_counter()
     timer = _Timer()
+    pil_flags_found = reset_pil_flags()  # recorded below: the build never decodes with PIL's lenient flags
     if teacher.kind == "single" and not supports_itm(teacher):
         raise TypeError(f"single-stream teacher {config.teacher!r} lacks image_tokens / itm_from_tokens")
     source = open_candidate_source(config.candidate_source, k=config.k)
@@ -152,6 +173,8 @@ def build_cache(
     )
     out = Path(config.out)
     rank, world = config.rank, config.world_size
+    if rank == 0:  # other ranks may see rank 0's cache half-created
+        refuse_foreign_out(out)
     with BuildLock(out, rank=rank, world_size=world):
         if rank == 0:
             writer = open_existing(out, fingerprint, overwrite=config.overwrite)
@@ -187,6 +210,8 @@ def build_cache(
             rows = rows_from_store(writer, num_shards=len(shards))
             if rank == 0:
                 writer.update_manifest({"resumed_at": [*writer.manifest.get("resumed_at", []), utc_now()]})
+        if pil_flags_found and rank == 0:
+            writer.update_manifest({"pil_flags_reset": [*writer.manifest.get("pil_flags_reset", []), pil_flags_found]})
         timer.add("pass0_layout", t0)
         _run_passes(
             writer,
@@ -238,6 +263,8 @@ def _run_passes(
         progress=progress,
     )
     t0 = time.perf_counter()
+    single = writer.layout.kind == "single" and supports_itm(teacher)
+    tokens = TokenScratch(writer, batch_size=config.batch_size) if single else None  # pass 1 -> 3a (issue 11)
     pass_image_embeddings(
         writer,
         teacher,
@@ -247,6 +274,7 @@ def _run_passes(
         precision=precision,
         rank=rank,
         world_size=world,
+        keep_tokens=tokens,
     )
     wait_done(writer, ("image_emb",))
     timer.add("pass1_images", t0)
@@ -288,6 +316,7 @@ def _run_passes(
             precision=precision,
             rank=rank,
             world_size=world,
+            tokens=tokens,
         )
         timer.add("pass3a_itm_images", t0)
         t0 = time.perf_counter()
@@ -305,6 +334,28 @@ def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
         "num_valid_texts": c.get("num_valid_texts", 0),
         "skip_counts": manifest.get("skips", {}).get("counts", {}),
     }
+
+
+def topk_fill(writer: CacheWriter, *, image_valid: np.ndarray, text_valid: np.ndarray) -> dict[str, float]:
+    """Share of candidate slots filled (id >= 0) over the valid query rows, per direction, in [0, 1].
+
+    Below 1 when ``k`` exceeds what the data can fill (fewer valid candidates than ``k``); then a warning gives the
+    rate, since the empty slots carry no target. Returns ``{"i2t": rate, "t2i": rate}`` (recorded in the manifest).
+    """
+    fill: dict[str, float] = {}
+    for direction, valid, other in (("i2t", image_valid, text_valid), ("t2i", text_valid, image_valid)):
+        idx = np.asarray(writer.group[f"{direction}_idx"][:])[valid]
+        fill[direction] = round(float((idx >= 0).mean()), 4) if idx.size else 0.0
+        if fill[direction] < 1.0:
+            _logger.warning(
+                "k=%d exceeds what the data can fill for %s: %d valid candidate rows; %.0f%% of the candidate slots "
+                "are filled (empty slots are -1 and carry no target); build with a smaller --k or more data",
+                writer.layout.k,
+                direction,
+                int(other.sum()),
+                100 * fill[direction],
+            )
+    return fill
 
 
 def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str, Any]:
@@ -329,6 +380,7 @@ def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str,
         {**entry, "num_valid": int(per_shard_valid[i]), "num_skipped_pass1": int(per_shard_invalid[i])}
         for i, entry in enumerate(manifest.get("shards", []))
     ]
+    fill = topk_fill(writer, image_valid=iv, text_valid=tv)
     final = {
         "num_images": int(iv.size),
         "num_texts": int(tv.size),
@@ -345,6 +397,7 @@ def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str,
             "policy": "pass-0 skips get no row; pass-1 image failures keep an invalid row",
         },
         "shards": shard_entries,
+        "topk_fill": fill,
     }
     scratch = scratch_dir(writer)
     if scratch.exists():  # every t2i unit is committed: the scratch files are no longer needed
@@ -353,4 +406,12 @@ def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str,
     return final
 
 
-__all__ = ["BuildResult", "build_cache", "finalize", "open_candidate_source", "resolve_shards"]
+__all__ = [
+    "BuildResult",
+    "build_cache",
+    "finalize",
+    "open_candidate_source",
+    "refuse_foreign_out",
+    "resolve_shards",
+    "topk_fill",
+]
