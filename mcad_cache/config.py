@@ -61,6 +61,7 @@ class BuildConfig:
     overwrite: bool = False  # replace a cache at `out` built with another fingerprint (default: refuse with a diff)
     rank: int = 0  # this build process's index among world_size processes writing one cache (disjoint units)
     world_size: int = 1  # number of build processes sharing the work (each launched with its own --rank)
+    wait_timeout_s: float = 1800.0  # seconds a rank waits for missing ranks between passes before it fails
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class DistillConfig:
     bank_text: str = "bank"  # with --candidates bank: caption candidates from the bank | online (encoded in the step)
     bank_ema: float = 0.0  # momentum of the EMA student that refreshes the bank, in [0, 1) (0 = the live student)
     bank_refresh_every: int = 0  # steps between full re-encodes of the bank (0 = initial fill, then anchors only)
+    in_batch: str = "global"  # under DDP, in-batch ITC/KD over all ranks' samples (global) or each rank's own (rank)
 
 
 @dataclass(frozen=True)
