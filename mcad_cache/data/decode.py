@@ -190,16 +190,36 @@ def apply_exif_orientation(im: Image.Image) -> Image.Image:
     return im
 
 
+PIL_FLAG_DEFAULTS = {"LOAD_TRUNCATED_IMAGES": False}  # PIL.ImageFile globals the decode policy depends on
+
+
+def reset_pil_flags() -> dict[str, object]:
+    """Put PIL's process-wide ``ImageFile`` flags back to their defaults (:data:`PIL_FLAG_DEFAULTS`).
+
+    Another module (model code, a notebook) may set ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, which makes PIL
+    decode a truncated image with grey fill instead of failing. Every decode calls this first; the build also calls
+    it at start and records what it found in the manifest (``pil_flags_reset``).
+
+    Returns:
+        ``{flag: value found}`` for each flag that was not at its default (empty when all were); logged.
+    """
+    found: dict[str, object] = {}
+    for name, default in PIL_FLAG_DEFAULTS.items():
+        value = getattr(ImageFile, name)
+        if value != default:
+            found[name] = value
+            setattr(ImageFile, name, default)
+    if found:
+        _logger.warning("PIL flags %s were changed by some import: reset to the defaults %s", found, PIL_FLAG_DEFAULTS)
+    return found
+
+
 def decode_image_with_header(data: bytes, *, policy: DecodePolicy) -> tuple[Image.Image, ImageHeader]:
     """:func:`decode_image` that also returns the source header (format, mode, size before EXIF rotation)."""
     im = _open(data)
     header = ImageHeader(format=str(im.format), mode=im.mode, width=im.size[0], height=im.size[1])
     _check_limits(header.width, header.height, policy)
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        _logger.warning(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some import: truncated images "
-            "will decode with grey fill instead of being skipped as decode_error"
-        )
+    reset_pil_flags()  # a truncated image must fail here, never decode with grey fill
     try:
         im.load()
         if policy.exif_transpose:

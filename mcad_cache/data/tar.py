@@ -53,6 +53,7 @@ class ShardScan:
     size_bytes: int = 0
     truncated: bool = False  # the file ends early or has a corrupt header: the tail is lost
     error: str = ""  # why the shard is truncated or unreadable
+    cut_key: str | None = None  # key of the member whose data runs past the end of the file (None: not known)
     unreadable: bool = False  # not a tar at all / cannot be opened
 
 
@@ -68,7 +69,8 @@ def scan_shard(path: str) -> ShardScan:
         path: an uncompressed ``.tar`` file.
     Returns:
         A :class:`ShardScan`. A truncated shard lists the members that are complete; ``truncated`` and ``error`` say
-        what was wrong. An unreadable file has ``unreadable`` set and no members.
+        what was wrong, and ``cut_key`` names the sample whose member is cut when the cut falls inside a member's
+        data. An unreadable file has ``unreadable`` set and no members.
     """
     scan = ShardScan(path=path)
     try:
@@ -83,6 +85,8 @@ def scan_shard(path: str) -> ShardScan:
             for info in tf:
                 if info.offset_data + info.size > scan.size_bytes:
                     scan.truncated = True
+                    if info.isreg() and not _is_meta(info.name):
+                        scan.cut_key = base_plus_ext(info.name)[0]
                     scan.error = (
                         f"member {info.name!r} needs {info.size} bytes at {info.offset_data}, file has "
                         f"{scan.size_bytes}"

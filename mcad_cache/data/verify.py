@@ -19,7 +19,7 @@ from typing import Any
 from mcad_cache.data.decode import DecodePolicy
 from mcad_cache.data.skips import SKIP_REASONS
 from mcad_cache.data.tar import KNOWN_EXTENSIONS, expand_shards, group_members, scan_shard
-from mcad_cache.data.webdataset import iter_shard_samples
+from mcad_cache.data.webdataset import iter_shard_samples, truncation_key
 from mcad_cache.progress import no_progress
 
 MAX_LISTED = 20  # problems listed per kind; counts stay exact
@@ -36,6 +36,7 @@ class ShardSummary:
     num_ok: int = 0
     truncated: bool = False
     last_good_key: str | None = None  # the last key before the cut (truncated) or the last key (complete)
+    cut_key: str | None = None  # the key whose member is incomplete (truncated shards), dropped as truncated_shard
     error: str = ""
 
 
@@ -112,8 +113,8 @@ def verify_shards(
             error=scan.error,
         )
         order, _, unrecognised = group_members(scan)
-        cut = 1 if summary.truncated else 0
-        summary.last_good_key = order[-1 - cut] if len(order) > cut else None
+        summary.cut_key = truncation_key(scan, order)
+        summary.last_good_key = next((k for k in reversed(order) if k != summary.cut_key), None)
         for m in unrecognised:
             report.unrecognised_members += 1
             why = (

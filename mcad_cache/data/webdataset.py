@@ -48,6 +48,7 @@ __all__ = [
     "expand_shards",
     "iter_samples",
     "iter_shard_samples",
+    "truncation_key",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def iter_shard_samples(
         yield _skipped("", shard, "unreadable_shard", scan.error)
         return
     order, runs, _ = group_members(scan)
-    cut_key = order[-1] if scan.truncated and order else None
+    cut_key = truncation_key(scan, order)
+    last_good = next((k for k in reversed(order) if k != cut_key), None)
     for key in order:
         owner = key_owner.get(key, shard) if key_owner is not None else shard
         if owner != shard:
@@ -148,7 +150,6 @@ def iter_shard_samples(
         if isinstance(key_owner, dict):
             key_owner[key] = shard  # the first shard holding the key owns it, even if its copy is unusable
         if key == cut_key:
-            last_good = order[-2] if len(order) > 1 else None
             yield _skipped(key, shard, "truncated_shard", f"{scan.error}; last good key {last_good!r}")
             continue
         problem = _structure_problem(runs[key])
@@ -156,8 +157,24 @@ def iter_shard_samples(
             yield _skipped(key, shard, *problem)
             continue
         yield _read_sample(shard, key, runs[key][0], policy, decode_images)
-    if scan.truncated and not order:
+    if scan.truncated and cut_key is not None and cut_key not in runs:  # the sample's first member is cut
+        yield _skipped(cut_key, shard, "truncated_shard", f"{scan.error}; last good key {last_good!r}")
+    elif scan.truncated and cut_key is None:
         yield _skipped("", shard, "truncated_shard", f"{scan.error}; no complete member, last good key None")
+
+
+def truncation_key(scan: ShardScan, order: list[str]) -> str | None:
+    """The key dropped as ``truncated_shard`` in a truncated shard, or None (not truncated, or nothing to name).
+
+    When the cut falls inside a member's data, that member's key (``scan.cut_key``): every sample before it is
+    complete and kept (WebDataset samples are runs of adjacent members). Otherwise (a corrupt header, no
+    end-of-archive block) the last key read, whose completeness cannot be proven.
+    """
+    if not scan.truncated:
+        return None
+    if scan.cut_key is not None:
+        return scan.cut_key
+    return order[-1] if order else None
 
 
 def iter_samples(

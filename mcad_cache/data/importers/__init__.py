@@ -28,7 +28,14 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from mcad_cache.data.decode import DecodePolicy, apply_exif_orientation, decode_image, open_checked, to_rgb
+from mcad_cache.data.decode import (
+    DecodePolicy,
+    apply_exif_orientation,
+    decode_image,
+    open_checked,
+    reset_pil_flags,
+    to_rgb,
+)
 from mcad_cache.data.skips import SampleSkip
 from mcad_cache.errors import DataSourceError, OutputPathError, UnknownImporterError
 from mcad_cache.hashing import file_sha256
@@ -90,6 +97,7 @@ def reencode_image(data: bytes, *, max_side_px: int, policy: DecodePolicy) -> tu
         return data, ext
     im = open_checked(data, policy=policy)
     fmt = im.format
+    reset_pil_flags()  # a truncated image must fail, never be stored with grey fill
     try:
         im.load()
         if policy.exif_transpose:
