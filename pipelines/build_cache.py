@@ -16,6 +16,7 @@ from mcad_cache.build import BuildResult, build_cache, check_config, resolve_sha
 from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.errors import ConfigError
+from mcad_cache.integrate import describe_derived, is_derived, open_derived
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.teachers import create_teacher
@@ -62,6 +63,9 @@ def inspect(path: str, *, check: bool = False) -> tuple[dict[str, Any], list[str
         CacheNotFoundError: no cache at ``path``.
         CacheSchemaError: another schema version or a malformed cache.
     """
+    if is_derived(path):  # a derived target cache (mcad-cache integrate): its manifest and diagnostics
+        derived = open_derived(path)
+        return describe_derived(derived), (([] if derived.complete else ["incomplete"]) if check else None)
     reader = open_cache(path)
     return describe_cache(reader), (check_cache(reader) if check else None)
 
