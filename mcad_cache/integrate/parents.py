@@ -116,8 +116,9 @@ class Parents:
             itm_score: how ITM logits become a score (``losses.itm_scores``), to pick the best-ITM positive.
         Returns:
             ``query_emb`` [B, Dc], ``cand_emb`` [B, k, Dc] CLIP embeddings; ``itm_logits`` [B, k, 2];
-            ``fused`` [B, k, C]; ``valid``, ``is_positive`` (duplicate caption texts included), ``forced`` [B, k]
-            bool; ``cand_rows`` [B, k] int64 candidate rows in CLIP order (-1 = empty) — all CPU tensors / numpy.
+            ``fused`` [B, k, C]; ``ss_sims`` [B, k] the single-stream ITC cosines; ``valid``, ``is_positive``
+            (duplicate caption texts included), ``forced`` [B, k] bool; ``cand_rows`` [B, k] int64 candidate
+            rows in CLIP order (-1 = empty) — all CPU tensors / numpy.
         """
         rows = np.asarray(rows, dtype=np.int64)
         srows = self.img_c2s[rows] if direction == "i2t" else self.txt_c2s[rows]
@@ -130,7 +131,7 @@ class Parents:
         )
         cand = np.where(cand_ok, cand, -1)
         pos = self._positives(direction, rows, cand)
-        itm, fused = top["itm_logits"], top["fused_cls"]
+        itm, fused, ss_sims = top["itm_logits"], top["fused_cls"], top["sims"]
         forced = np.zeros_like(cand_ok)
         if force_positive and k < idx.shape[1]:
             score = itm_scores(torch.from_numpy(np.nan_to_num(itm)), kind=itm_score).numpy()
@@ -138,10 +139,11 @@ class Parents:
             need = ~pos[:, :k].any(1) & pos[:, k:].any(1)
             for b in np.nonzero(need)[0]:
                 j = int(np.argmax(score[b]))
-                for arr in (cand, pos, itm, fused):
+                for arr in (cand, pos, itm, fused, ss_sims):
                     arr[b, k - 1] = arr[b, j]
                 forced[b, k - 1] = True
         cand, pos, itm, fused, forced = cand[:, :k], pos[:, :k], itm[:, :k], fused[:, :k], forced[:, :k]
+        ss_sims = ss_sims[:, :k]
         valid = cand >= 0
         safe = np.maximum(cand, 0)
         gallery = self._text_emb if direction == "i2t" else self._image_emb
@@ -152,6 +154,7 @@ class Parents:
             "cand_emb": torch.from_numpy(np.ascontiguousarray(cand_emb, dtype=np.float32)),
             "itm_logits": torch.from_numpy(np.ascontiguousarray(np.where(valid[..., None], itm, 0.0), np.float32)),
             "fused": torch.from_numpy(np.ascontiguousarray(np.where(valid[..., None], fused, 0.0), np.float32)),
+            "ss_sims": torch.from_numpy(np.ascontiguousarray(np.where(valid, ss_sims, 0.0), np.float32)),
             "valid": torch.from_numpy(valid),
             "is_positive": torch.from_numpy(pos & valid),
             "forced": forced & valid,
