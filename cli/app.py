@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from typing import Any, TypeVar
 
 import typer
@@ -28,11 +31,29 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: one line per option, [default: ...] beside it
 )
 data_app = typer.Typer(help="Import captioned images into WebDataset shards and verify shards.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # logs, progress and notices; results go to stdout (cli.options.stdout)
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            v = dist_version("mcad-cache")
+        except PackageNotFoundError:  # a source tree without an install
+            v = "unknown (not installed)"
+        typer.echo(f"mcad-cache {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """Run MCAD teachers once into a Zarr v3 cache; distill and evaluate small dual-encoder students from it."""
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -56,6 +77,9 @@ def progress(iterable: Iterable[T], description: str = "", total: int | None = N
     """Rich progress bar over an iterable; pipelines call it as ``progress(it, description, total)``."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
+    if not console.is_terminal:  # a file or pipe: a rich bar would only appear at the end
+        yield from _progress_lines(iterable, description, total)
+        return
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -70,6 +94,26 @@ def progress(iterable: Iterable[T], description: str = "", total: int | None = N
             yield item
             postfix = getattr(iterable, "postfix", "")
             bar.update(task, advance=1, postfix=postfix)
+
+
+PROGRESS_LINE_EVERY_S = 10.0  # seconds between progress lines when stderr is not a terminal (our choice)
+
+
+def _progress_lines(iterable: Iterable[T], description: str, total: int | None) -> Iterable[T]:
+    """Plain progress lines on stderr (``description n/total, s elapsed``): the first item, then every
+    ``PROGRESS_LINE_EVERY_S`` seconds, then the last; for logs written to a file."""
+    t0 = last = time.perf_counter()
+    n = 0
+    of = f"/{total}" if total else ""
+    for item in iterable:
+        yield item
+        n += 1
+        now = time.perf_counter()
+        if n == 1 or now - last >= PROGRESS_LINE_EVERY_S:
+            postfix = getattr(iterable, "postfix", "")
+            console.print(f"{description} {n}{of} ({now - t0:.0f} s) {postfix}".rstrip(), highlight=False)
+            last = now
+    console.print(f"{description} {n}{of} done ({time.perf_counter() - t0:.0f} s)", highlight=False)
 
 
 def user_error(err: Exception) -> typer.Exit:

@@ -8,69 +8,75 @@ import typer
 from rich.table import Table
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from mcad_cache.cli.options import (
+    EMB_DTYPE,
+    FUSED_DTYPE,
+    PRECISION,
+    TEACHER,
+    TOPK_BACKEND,
+    choice,
+    device_option,
+    explicit_flags,
+    stdout,
+)
 from mcad_cache.config import BuildConfig, load_config
 from mcad_cache.pipelines import build_cache
 
 
+B = BuildConfig()  # defaults shown in --help; a --config file overrides them, typed flags override both
+
+
 @app.command("build")
 def build(
-    teacher: Annotated[str, typer.Option(help="teacher registry name: clip | albef | blip")] = None,
-    data: Annotated[list[str], typer.Option(help="shards: paths, globs, brace patterns (repeatable)")] = None,
-    out: Annotated[str, typer.Option(help="cache directory (resumed if it has this fingerprint)")] = None,
-    model: Annotated[str, typer.Option(help="open_clip name / JSON config, ALBEF config, BLIP path")] = None,
-    pretrained: Annotated[str, typer.Option(help="weights: open_clip tag or file, ALBEF .pth, BLIP folder")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="allow a teacher without weights")] = None,
-    k: Annotated[int, typer.Option("--k", help="top-k candidates per query, both directions")] = None,
-    force_positives: Annotated[bool, typer.Option("--force-positives/--no-force-positives")] = None,
-    candidate_source: Annotated[str, typer.Option(help="another cache whose ITC ranking picks the candidates")] = None,
-    batch_size: Annotated[int, typer.Option(help="teacher batch size (images, captions or pairs)")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, else fp32) | fp32 | bf16")] = None,
-    fused_dtype: Annotated[str, typer.Option(help="fused [CLS] storage: fp16 | int8 | none")] = None,
-    emb_dtype: Annotated[str, typer.Option(help="embedding storage: fp16 | fp32")] = None,
-    topk_backend: Annotated[str, typer.Option(help="torch (chunked matmul) | faiss")] = None,
-    chunk_size: Annotated[int, typer.Option(help="query rows per similarity block in the top-k")] = None,
-    rows_per_chunk: Annotated[int, typer.Option(help="rows per Zarr chunk = commit unit")] = None,
-    strict: Annotated[bool, typer.Option("--strict/--no-strict", help="stop at the first bad sample")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a cache built differently")] = None,
-    rank: Annotated[int, typer.Option(help="this process's index among --world-size build processes")] = None,
-    world_size: Annotated[int, typer.Option(help="build processes sharing one cache (disjoint units)")] = None,
-    config: Annotated[str, typer.Option("--config", help="run.json with BuildConfig fields")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ctx: typer.Context,
+    teacher: Annotated[str, choice(TEACHER, "teacher registry name")] = B.teacher,
+    data: Annotated[
+        list[str], typer.Option("--data", "--train-data", help="shards: paths, globs, brace patterns (repeatable)")
+    ] = None,
+    out: Annotated[str, typer.Option(help="cache directory (resumed if it has this fingerprint)")] = B.out,
+    model: Annotated[str, typer.Option(help="open_clip name / JSON config, ALBEF config, BLIP path")] = B.model,
+    pretrained: Annotated[
+        str, typer.Option(help="weights: open_clip tag or file, ALBEF .pth, BLIP folder")
+    ] = B.pretrained,
+    random_init: Annotated[
+        bool, typer.Option("--random-init/--no-random-init", help="allow a teacher without weights")
+    ] = B.random_init,
+    k: Annotated[int, typer.Option("--k", help="top-k candidates per query, both directions")] = B.k,
+    force_positives: Annotated[
+        bool, typer.Option("--force-positives/--no-force-positives", help="put every positive into its candidates")
+    ] = B.force_positives,
+    candidate_source: Annotated[
+        str, typer.Option(help="another cache whose ITC ranking picks the candidates (\"\" = own ITC)")
+    ] = B.candidate_source,
+    batch_size: Annotated[int, typer.Option(help="teacher batch size (images, captions or pairs)")] = B.batch_size,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images")] = B.workers,
+    device: Annotated[str, device_option("where the teacher runs")] = B.device,
+    precision: Annotated[
+        str, choice(PRECISION, "auto = bf16 autocast on CUDA, else fp32")
+    ] = B.precision,
+    fused_dtype: Annotated[str, choice(FUSED_DTYPE, "fused [CLS] storage")] = B.fused_dtype,
+    emb_dtype: Annotated[str, choice(EMB_DTYPE, "embedding storage")] = B.emb_dtype,
+    topk_backend: Annotated[
+        str, choice(TOPK_BACKEND, "chunked torch matmul or an exact faiss index")
+    ] = B.topk_backend,
+    chunk_size: Annotated[int, typer.Option(help="query rows per similarity block in the top-k")] = B.chunk_size,
+    rows_per_chunk: Annotated[int, typer.Option(help="rows per Zarr chunk = commit unit")] = B.rows_per_chunk,
+    strict: Annotated[bool, typer.Option("--strict/--no-strict", help="stop at the first bad sample")] = B.strict,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = B.threads,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="replace a cache built differently")
+    ] = B.overwrite,
+    rank: Annotated[int, typer.Option(help="this process's index among --world-size build processes")] = B.rank,
+    world_size: Annotated[
+        int, typer.Option(help="build processes sharing one cache (disjoint units)")
+    ] = B.world_size,
+    config: Annotated[str, typer.Option("--config", help="run.json with BuildConfig fields (flags win)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")] = False,
 ) -> None:
     """Build a teacher cache (embeddings, global top-k both directions, ITM logits and fused features for
     single-stream teachers). Rerun the same command to resume an interrupted build."""
     setup_logging(verbose)
-    cfg = call_pipeline(
-        load_config,
-        BuildConfig,
-        config,
-        teacher=teacher,
-        data=tuple(data) if data else None,
-        out=out,
-        model=model,
-        pretrained=pretrained,
-        random_init=random_init,
-        k=k,
-        force_positives=force_positives,
-        candidate_source=candidate_source,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        precision=precision,
-        fused_dtype=fused_dtype,
-        emb_dtype=emb_dtype,
-        topk_backend=topk_backend,
-        chunk_size=chunk_size,
-        rows_per_chunk=rows_per_chunk,
-        strict=strict,
-        threads=threads,
-        overwrite=overwrite,
-        rank=rank,
-        world_size=world_size,
-    )
+    cfg = call_pipeline(load_config, BuildConfig, config, **explicit_flags(ctx))
     result = call_pipeline(build_cache.run, cfg, progress=progress)
     if result.status == "rank-done":
         console.print(f"rank {cfg.rank} of {cfg.world_size}: its units are committed; rank 0 finalizes the cache")
@@ -86,4 +92,4 @@ def build(
         table.add_row(f"skipped: {reason}", str(n))
     for stage, s in result.stage_seconds.items():
         table.add_row(f"time: {stage}", f"{s:.1f} s")
-    console.print(table)
+    stdout.print(table)
