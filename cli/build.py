@@ -22,7 +22,6 @@ from mcad_cache.cli.options import (
 from mcad_cache.config import BuildConfig, load_config
 from mcad_cache.pipelines import build_cache
 
-
 B = BuildConfig()  # defaults shown in --help; a --config file overrides them, typed flags override both
 
 
@@ -46,19 +45,15 @@ def build(
         bool, typer.Option("--force-positives/--no-force-positives", help="put every positive into its candidates")
     ] = B.force_positives,
     candidate_source: Annotated[
-        str, typer.Option(help="another cache whose ITC ranking picks the candidates (\"\" = own ITC)")
+        str, typer.Option(help='another cache whose ITC ranking picks the candidates ("" = own ITC)')
     ] = B.candidate_source,
     batch_size: Annotated[int, typer.Option(help="teacher batch size (images, captions or pairs)")] = B.batch_size,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images")] = B.workers,
     device: Annotated[str, device_option("where the teacher runs")] = B.device,
-    precision: Annotated[
-        str, choice(PRECISION, "auto = bf16 autocast on CUDA, else fp32")
-    ] = B.precision,
+    precision: Annotated[str, choice(PRECISION, "auto = bf16 autocast on CUDA, else fp32")] = B.precision,
     fused_dtype: Annotated[str, choice(FUSED_DTYPE, "fused [CLS] storage")] = B.fused_dtype,
     emb_dtype: Annotated[str, choice(EMB_DTYPE, "embedding storage")] = B.emb_dtype,
-    topk_backend: Annotated[
-        str, choice(TOPK_BACKEND, "chunked torch matmul or an exact faiss index")
-    ] = B.topk_backend,
+    topk_backend: Annotated[str, choice(TOPK_BACKEND, "chunked torch matmul or an exact faiss index")] = B.topk_backend,
     chunk_size: Annotated[int, typer.Option(help="query rows per similarity block in the top-k")] = B.chunk_size,
     rows_per_chunk: Annotated[int, typer.Option(help="rows per Zarr chunk = commit unit")] = B.rows_per_chunk,
     strict: Annotated[bool, typer.Option("--strict/--no-strict", help="stop at the first bad sample")] = B.strict,
@@ -67,9 +62,7 @@ def build(
         bool, typer.Option("--overwrite/--no-overwrite", help="replace a cache built differently")
     ] = B.overwrite,
     rank: Annotated[int, typer.Option(help="this process's index among --world-size build processes")] = B.rank,
-    world_size: Annotated[
-        int, typer.Option(help="build processes sharing one cache (disjoint units)")
-    ] = B.world_size,
+    world_size: Annotated[int, typer.Option(help="build processes sharing one cache (disjoint units)")] = B.world_size,
     config: Annotated[str, typer.Option("--config", help="run.json with BuildConfig fields (flags win)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")] = False,
 ) -> None:

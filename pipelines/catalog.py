@@ -62,7 +62,9 @@ def describe(what: str) -> list[dict[str, str]]:
         rows = []
         for n in list_students():
             cfg = get_student_config(n)
-            rows.append({"name": n, "description": f"image {cfg.image_model}, text {_text_name(cfg)}, D={cfg.embed_dim}"})
+            rows.append(
+                {"name": n, "description": f"image {cfg.image_model}, text {_text_name(cfg)}, D={cfg.embed_dim}"}
+            )
         return rows
     if what == "presets":
         from mcad_cache.losses import LossConfig, preset
@@ -72,7 +74,12 @@ def describe(what: str) -> list[dict[str, str]]:
         for n in PRESETS:
             cfg = preset(n)
             diff = {k: v for k, v in vars(cfg).items() if getattr(default, k) != v}
-            rows.append({"name": n, "description": ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "LossConfig defaults"})
+            rows.append(
+                {
+                    "name": n,
+                    "description": ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) or "LossConfig defaults",
+                }
+            )
         return rows
     if what == "integrations":
         return [{"name": n, "description": _first_line(type(m).__doc__)} for n, m in INTEGRATIONS.items()]
