@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mcad_cache.build.candidates import pass_topk
-from mcad_cache.build.coordination import BuildLock, open_existing, wait_done, wait_for_layout
+from mcad_cache.build.coordination import BuildLock, RankSync, open_existing
 from mcad_cache.build.embeddings import pass_image_embeddings, pass_text_embeddings
 from mcad_cache.build.fingerprint import build_fingerprint, supports_itm
 from mcad_cache.build.itm import TokenScratch, pass_itm_images, pass_itm_texts, scratch_dir
@@ -173,14 +173,16 @@ def build_cache(
     )
     out = Path(config.out)
     rank, world = config.rank, config.world_size
+    sync = RankSync(out, rank=rank, world_size=world, timeout_s=config.wait_timeout_s)  # barriers or done markers
     if rank == 0:  # other ranks may see rank 0's cache half-created
         refuse_foreign_out(out)
     with BuildLock(out, rank=rank, world_size=world):
         if rank == 0:
             writer = open_existing(out, fingerprint, overwrite=config.overwrite)
         else:
-            writer = wait_for_layout(out, fingerprint, overwrite=config.overwrite)
+            writer = sync.wait_for_layout(fingerprint, overwrite=config.overwrite)
         if writer is not None and writer.manifest.get("complete"):
+            sync.layout_ready()
             _logger.info("cache %s is complete and matches this build: nothing to do", out)
             seconds = time.perf_counter() - t_start
             return BuildResult(path=str(out), status="complete", seconds=seconds, **_counts(writer.manifest))
@@ -213,6 +215,7 @@ def build_cache(
         if pil_flags_found and rank == 0:
             writer.update_manifest({"pil_flags_reset": [*writer.manifest.get("pil_flags_reset", []), pil_flags_found]})
         timer.add("pass0_layout", t0)
+        sync.layout_ready()  # rank 0: the other ranks may open the cache now
         _run_passes(
             writer,
             teacher,
@@ -225,16 +228,18 @@ def build_cache(
             source=source,
             progress=progress,
             timer=timer,
+            sync=sync,
         )
+        final_stages = tuple(s for s in STAGES if writer.layout.kind == "single" or not s.startswith("itm"))
+        sync.wait(writer, final_stages, after="the last pass")
         if rank != 0:
             _logger.info("rank %d of %d: all its units are committed; rank 0 finalizes", rank, world)
             seconds = time.perf_counter() - t_start
             return BuildResult(path=str(out), status="rank-done", seconds=seconds, stage_seconds=timer.seconds)
-        wait_done(writer, tuple(s for s in STAGES if writer.layout.kind == "single" or not s.startswith("itm")))
         final = finalize(writer, rows=rows, shards=shards)
     seconds = time.perf_counter() - t_start
     _logger.info("cache %s %s in %.1f s: %s", out, status, seconds, final)
-    return BuildResult(path=str(out), status=status, seconds=seconds, stage_seconds=timer.seconds, **final)
+    return BuildResult(path=str(out), status=status, seconds=seconds, stage_seconds=stage_seconds, **final)
 
 
 def _run_passes(
@@ -250,8 +255,9 @@ def _run_passes(
     source: CacheReader | None,
     progress: ProgressFn,
     timer: _Timer,
+    sync: RankSync,
 ) -> None:
-    """Passes 1-3 for this rank's units, with the waits for other ranks between them."""
+    """Passes 1-3 for this rank's units, with the waits for other ranks between them (``sync``)."""
     rank, world = config.rank, config.world_size
     images = ImageSource(
         shards=shards,
@@ -276,7 +282,7 @@ def _run_passes(
         world_size=world,
         keep_tokens=tokens,
     )
-    wait_done(writer, ("image_emb",))
+    sync.wait(writer, ("image_emb",), after="pass 1 (image embeddings)")
     timer.add("pass1_images", t0)
     t0 = time.perf_counter()
     pass_text_embeddings(
@@ -291,7 +297,7 @@ def _run_passes(
     )
     timer.add("pass1_texts", t0)
     t0 = time.perf_counter()
-    wait_done(writer, ("text_emb",))
+    sync.wait(writer, ("text_emb",), after="pass 1 (text embeddings)")
     pass_topk(
         writer,
         source=source,
@@ -303,7 +309,7 @@ def _run_passes(
         rank=rank,
         world_size=world,
     )
-    wait_done(writer, ("topk_i2t", "topk_t2i"))
+    sync.wait(writer, ("topk_i2t", "topk_t2i"), after="pass 2 (top-k)")
     timer.add("pass2_topk", t0)
     if writer.layout.kind == "single" and supports_itm(teacher):
         t0 = time.perf_counter()
@@ -320,7 +326,7 @@ def _run_passes(
         )
         timer.add("pass3a_itm_images", t0)
         t0 = time.perf_counter()
-        wait_done(writer, ("itm_scratch",))
+        sync.wait(writer, ("itm_scratch",), after="pass 3a (ITM images)")
         pass_itm_texts(writer, progress=progress, rank=rank, world_size=world)
         timer.add("pass3b_itm_texts", t0)
 
