@@ -17,6 +17,7 @@ from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.errors import ConfigError
 from mcad_cache.integrate import describe_derived, is_derived, open_derived
+from mcad_cache.pipelines.torchrun import build_ranks, process_group, torchrun_env
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.teachers import create_teacher
@@ -37,7 +38,15 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
         DeviceError: the device is not available.
         UnknownModelError: an unknown teacher name.
         CacheMismatchError, BuildLockedError, DataError, NonFiniteError: as :func:`mcad_cache.build.build_cache`.
+        BuildRankError: under torchrun or with --world-size > 1, ranks that cannot meet (names ranks and units).
     """
+    config = build_ranks(config)  # rank / world size from torchrun's environment (pipelines.torchrun)
+    with process_group(torchrun_env(), device=config.device, timeout_s=config.wait_timeout_s):
+        return _build(config, progress=progress)
+
+
+def _build(config: BuildConfig, *, progress: ProgressFn) -> BuildResult:
+    """:func:`run` with its ranks resolved, inside torchrun's process group when there is one."""
     check_config(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
