@@ -182,7 +182,7 @@ class TargetJoiner:
             d for d in ("i2t", "t2i") if d in self.directions or any(f.endswith(f"_{d}") for f in self.need_teacher)
         ]  # directions with any teacher field read (the student may encode none of their candidates)
         for reader in (r for r in (clip, single) if r is not None):
-            if self.teacher_directions and self.k > reader.k:
+            if self.k > reader.k:  # every preset: a run never records a k its caches cannot serve
                 raise CacheSchemaError(
                     f"{reader.path}: requested k={self.k}, but the cache holds k={reader.k} candidates per query; "
                     f"use --k {reader.k} or less, or rebuild the cache with --k {self.k}"
