@@ -40,6 +40,11 @@ class CacheIncompleteError(McadError, RuntimeError):
     """A cache whose manifest is not marked complete (a build was interrupted: rerun it to resume)."""
 
 
+class CacheCorruptError(McadError, ValueError):
+    """A cache whose stored values fail the consistency checks of ``inspect --check`` (e.g. similarities that no
+    longer match the embeddings); the message lists the first problems."""
+
+
 class CacheMismatchError(McadError, ValueError):
     """A cache built with another teacher, preprocessing, tokenizer or data than the run uses; the message is a diff."""
 

@@ -53,4 +53,14 @@ def check_input_file(path: str | os.PathLike[str], *, option: str, allow_dir: bo
     return p
 
 
-__all__ = ["check_input_file", "check_writable_dir"]
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json")
+
+
+def looks_like_path(value: str) -> bool:
+    """True when a ``--pretrained`` / ``--model`` value is meant as a file or folder (it starts with ``/``, ``./``,
+    ``../`` or ``~``, or ends in a weights/config suffix) rather than a hub tag or name such as ``openai`` or
+    ``Salesforce/blip-itm-base-coco``."""
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(WEIGHT_SUFFIXES)
+
+
+__all__ = ["WEIGHT_SUFFIXES", "check_input_file", "check_writable_dir", "looks_like_path"]

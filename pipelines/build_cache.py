@@ -8,19 +8,41 @@ is described in ``docs/cache-format.md``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mcad_cache.build import BuildResult, build_cache, check_config, resolve_shards
+from mcad_cache.build.engine import refuse_foreign_out
 from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.errors import ConfigError
 from mcad_cache.integrate import describe_derived, is_derived, open_derived
 from mcad_cache.pipelines.torchrun import build_ranks, process_group, torchrun_env
+from mcad_cache.preflight import check_input_file, check_writable_dir, looks_like_path
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.teachers import create_teacher
+from mcad_cache.teachers.base import weights_source
+
+
+def preflight(config: BuildConfig) -> None:
+    """Path checks before any model loads: ``--out`` is a cache, new or empty (never a user's folder) and writable;
+    ``--pretrained`` (when it is a path) and ``--candidate-source`` exist.
+
+    Raises:
+        OutputPathError: ``--out`` is not a cache, lies under a file, or cannot be written.
+        InputPathError: a ``--pretrained`` path or ``--candidate-source`` that does not exist.
+    """
+    out = Path(config.out)
+    if config.rank == 0:
+        refuse_foreign_out(out)
+    check_writable_dir(out if out.exists() else out.parent, option="--out")
+    if config.pretrained and looks_like_path(config.pretrained):
+        check_input_file(config.pretrained, option="--pretrained", allow_dir=True)
+    if config.candidate_source:
+        check_input_file(config.candidate_source, option="--candidate-source", allow_dir=True)
 
 
 def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResult:
@@ -33,7 +55,9 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
         A :class:`~mcad_cache.build.BuildResult` (``status`` "built", "resumed", "complete" when there was nothing
         to do, or "rank-done" for a rank > 0).
     Raises:
-        ConfigError: an invalid config value (also a precision this device cannot run).
+        ConfigError: an invalid config value (also a precision this device cannot run), or a teacher without
+            weights and no ``random_init``.
+        OutputPathError, InputPathError: as :func:`preflight` (before any model loads).
         DataSourceError: ``--data`` matches no shard, or the shards hold no usable sample.
         DeviceError: the device is not available.
         UnknownModelError: an unknown teacher name.
@@ -48,6 +72,7 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
 def _build(config: BuildConfig, *, progress: ProgressFn) -> BuildResult:
     """:func:`run` with its ranks resolved, inside torchrun's process group when there is one."""
     check_config(config)
+    preflight(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     shards = resolve_shards(config.data)
@@ -59,6 +84,11 @@ def _build(config: BuildConfig, *, progress: ProgressFn) -> BuildResult:
     teacher = create_teacher(
         config.teacher, model=config.model or None, pretrained=config.pretrained or None, device=str(device)
     )
+    if weights_source(teacher) == "random" and not config.random_init:
+        raise ConfigError(
+            f"--teacher {config.teacher}: no weights were loaded (no --pretrained); pass --pretrained with a checkpoint"
+            " file, tag or folder, or --random-init to build with random weights (recorded as weights_source: random)"
+        )
     teacher.to(device)
     teacher.eval()
     return build_cache(config, teacher=teacher, shards=shards, device=device, precision=precision, progress=progress)
@@ -79,4 +109,4 @@ def inspect(path: str, *, check: bool = False) -> tuple[dict[str, Any], list[str
     return describe_cache(reader), (check_cache(reader) if check else None)
 
 
-__all__ = ["BuildResult", "inspect", "run"]
+__all__ = ["BuildResult", "inspect", "preflight", "run"]

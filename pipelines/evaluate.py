@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,13 +24,13 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader
 
-from mcad_cache.cache import open_cache
+from mcad_cache.cache import check_cache, open_cache
 from mcad_cache.config import EvalConfig, config_to_dict
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, collate_samples, expand_shards
 from mcad_cache.distill import check_cache_data
 from mcad_cache.distill import rundir as rd
-from mcad_cache.errors import ConfigError, RunDirError
+from mcad_cache.errors import CacheCorruptError, ConfigError, DataSourceError, OutputPathError, RunDirError
 from mcad_cache.eval import (
     ITM_SCORES,
     encode_retrieval_set,
@@ -38,6 +39,7 @@ from mcad_cache.eval import (
     evaluate_single_stream,
 )
 from mcad_cache.metrics import METRIC_KEYS
+from mcad_cache.preflight import check_input_file, check_writable_dir, looks_like_path
 from mcad_cache.progress import no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.student import DualEncoder
@@ -93,14 +95,26 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
     Raises:
         RunDirError: ``model`` is not a run dir, checkpoint or cache; ConfigError: bad options;
         CacheIncompleteError / CacheMismatchError: a cache that is partial or not built on the test shards;
+        CacheCorruptError: a cache that fails the cheap checks of ``inspect --check``;
+        DataSourceError: ``--data`` matches no shard; OutputPathError: ``--out`` cannot be written (checked first);
+        InputPathError: a ``--pretrained`` path that does not exist; DeviceError: the device is not available;
         DataError: an unreadable test sample (evaluation never skips).
     """
     if config.itm_score not in ITM_SCORES:
         raise ConfigError(f"--itm-score must be one of {' | '.join(ITM_SCORES)}, got {config.itm_score!r}")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    shards = expand_shards(config.data)
+    try:
+        shards = expand_shards(config.data)
+    except ValueError as err:
+        raise DataSourceError(f"--data: {err}; check the test shard paths") from err
     kind, folder = resolve_model_kind(config)
+    out_path = _default_out(config, kind, folder)
+    check_writable_dir(out_path.parent, option="--out")  # before any metric is computed
+    if out_path.exists() and not os.access(out_path, os.W_OK):
+        raise OutputPathError(f"--out {out_path}: the file is not writable; choose another --out")
+    if kind == "teacher" and config.pretrained and looks_like_path(config.pretrained):
+        check_input_file(config.pretrained, option="--pretrained", allow_dir=True)
     device = resolve_device(config.device)
     try:
         resolve_precision(config.precision, device)
@@ -112,6 +126,12 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
         assert folder is not None
         reader = open_cache(folder).require(complete=True)
         check_cache_data(reader, shards)
+        problems = check_cache(reader, fused=False)  # the cheap checks of `inspect --check`
+        if problems:
+            raise CacheCorruptError(
+                f"--model {folder}: the cache fails {len(problems)} consistency check(s): {'; '.join(problems[:3])}; "
+                f"see `mcad-cache inspect {folder} --check`, then rebuild it (build --overwrite)"
+            )
         result = evaluate_cache(reader, k_test=config.k_test, score=config.itm_score, chunk_size=config.chunk_size)
         extra = {"teacher": reader.teacher, "teacher_kind": reader.kind, "cache_k": reader.k}
     else:
@@ -134,7 +154,6 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
         else:
             result = evaluate_dual(rs, chunk_size=config.chunk_size, device=device)
             result["notices"] = []
-    out_path = _default_out(config, kind, folder)
     results = {
         "model": config.model or config.teacher,
         "kind": kind,

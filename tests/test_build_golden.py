@@ -35,7 +35,7 @@ CASES: dict[str, dict] = {
     "fake_dual": {},
     "fake_single_int8_forced": {"model": "single", "fused_dtype": "int8", "force_positives": True},
     "fake_single_fp16_emb_fp32": {"model": "single", "fused_dtype": "fp16", "emb_dtype": "fp32", "k": 2},
-    "albef_tiny": {"teacher": "albef", "model": "tiny", "k": 2, "emb_dtype": "fp32"},
+    "albef_tiny": {"teacher": "albef", "model": "tiny", "k": 2, "emb_dtype": "fp32", "random_init": True},
 }
 BASE = {"k": 3, "batch_size": 3, "workers": 0, "rows_per_chunk": 4, "chunk_size": 5, "device": "cpu", "threads": 1}
 

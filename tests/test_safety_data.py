@@ -68,7 +68,7 @@ def _import_like(root: Path, seed: int) -> list[str]:
 def test_shard_identity_is_content_and_path_under_the_data_root(tmp_path):
     """Old code compared by file name: a cache built on train was accepted for test (both ``shard-000000.tar``)."""
     train, test = _import_like(tmp_path / "a", seed=0)
-    assert data_root([train]) == tmp_path / "a" and data_root([train, test]) == tmp_path / "a"
+    assert data_root([train]) == tmp_path / "a" / "train" and data_root([train, test]) == tmp_path / "a"
     recorded = shard_records([train])
     assert recorded[0]["path"] == "train/shard-000000.tar" and recorded[0]["name"] == "shard-000000.tar"
     assert shard_records_diff(recorded, shard_records([train])) == []

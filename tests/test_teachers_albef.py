@@ -397,7 +397,7 @@ def test_seeded_random_init_and_fingerprint(tiny_albef_teacher, tiny_bert_tokeni
     again = create_teacher("albef", config="tiny", tokenizer=str(tiny_bert_tokenizer_dir), device="cpu")
     assert again.fingerprint() == tiny_albef_teacher.fingerprint()
     fp = tiny_albef_teacher.fingerprint()
-    assert fp["weights_source"] == "state_dict" and fp["architecture"]["fusion_layer"] == 2
+    assert fp["weights_source"] == "random" and fp["architecture"]["fusion_layer"] == 2
     assert fp["tokenizer_cfg"]["context_length"] == 16
 
 
@@ -530,7 +530,7 @@ def test_tiny_albef_through_the_cache_builder(tiny_bert_tokenizer_dir, tmp_path,
     monkeypatch.setattr(build_cache, "create_teacher", lambda name, **kw: t)
     cfg = load_config(
         BuildConfig, teacher="albef", data=(str(tmp_path / "shard-000.tar"),), out=str(tmp_path / "cache"), k=2,
-        workers=0, batch_size=4, device="cpu", emb_dtype="fp32",
+        workers=0, batch_size=4, device="cpu", emb_dtype="fp32", random_init=True,
     )  # fmt: skip
     run(cfg)
     reader = open_cache(str(tmp_path / "cache"))

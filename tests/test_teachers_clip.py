@@ -64,7 +64,7 @@ def test_tiny_clip_seeded_init_is_reproducible(tiny_clip_teacher):
     other = create_teacher("clip", config="tiny", device="cpu", seed=1)
     assert other.fingerprint()["weights_sha256"] != tiny_clip_teacher.fingerprint()["weights_sha256"]
     fp = tiny_clip_teacher.fingerprint()
-    assert fp["weights_source"] == "state_dict"
+    assert fp["weights_source"] == "random"
     assert fp["preprocess_cfg"] == tiny_clip_teacher.preprocess_cfg
     assert fp["architecture"]["model_cfg"]["vision_cfg"]["width"] == 64
     json.dumps(fp)  # JSON-able

@@ -12,6 +12,7 @@ manifest's ``complete`` flag is written last.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from mcad_cache.cache.schema import (
     array_specs,
     validate,
 )
-from mcad_cache.errors import NonFiniteError
+from mcad_cache.errors import NonFiniteError, OutputPathError
 
 _logger = logging.getLogger(__name__)
 
@@ -62,6 +63,17 @@ def unit_range(unit: int, n: int, rows_per_unit: int) -> tuple[int, int]:
     return start, min(start + rows_per_unit, n)
 
 
+def is_cache_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder whose root ``zarr.json`` holds an mcad-cache manifest (the only kind of
+    folder ``--overwrite`` may delete). Reads one small JSON file; opens no array."""
+    meta = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("attributes"), dict) and MANIFEST_ATTR in doc["attributes"]
+
+
 class CacheWriter:
     """Writes one cache. Create with :meth:`create` (fresh) or :meth:`open` (resume).
 
@@ -86,14 +98,20 @@ class CacheWriter:
             path: directory of the Zarr v3 store.
             layout: sizes and storage choices.
             manifest: JSON-able dict; ``schema_version``, ``layout`` and ``complete=False`` are set here.
-            overwrite: delete whatever is at ``path`` first.
+            overwrite: delete the cache at ``path`` first (never anything that is not a cache: :func:`is_cache_dir`).
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is False.
+            OutputPathError: ``overwrite`` and ``path`` holds something that is not an mcad-cache cache.
         """
         path = Path(path)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} already exists")
+            if not is_cache_dir(path):
+                raise OutputPathError(
+                    f"--out {path}: --overwrite replaces only an mcad-cache cache and {path} is not one (no manifest); "
+                    "choose another --out"
+                )
             shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         manifest = to_jsonable(
@@ -178,8 +196,29 @@ class CacheWriter:
         return unit_range(unit, self.rows(STAGES[stage]), self.layout.rows_per_chunk)
 
     def done(self, stage: str) -> np.ndarray:
-        """[num_units] bool: which units of ``stage`` are committed."""
-        return np.asarray(self.group[f"{BUILD_GROUP}/done_{stage}"][:], dtype=bool)
+        """[num_units] bool: which units of ``stage`` are committed.
+
+        A marker chunk that cannot be decoded (half-written: a full disk, a copy cut short, a file system without
+        atomic renames) counts as not done, so its unit is redone and the marker rewritten; it is logged.
+        """
+        markers = self.group[f"{BUILD_GROUP}/done_{stage}"]
+        try:
+            return np.asarray(markers[:], dtype=bool)
+        except Exception:  # noqa: BLE001  (codec errors have no common class: zstd, numcodecs, zarr)
+            out = np.zeros(markers.shape, dtype=bool)
+            for unit in range(markers.shape[0]):
+                try:
+                    out[unit] = bool(markers[unit])
+                except Exception as err:  # noqa: BLE001
+                    _logger.warning(
+                        "%s: done marker of %s unit %d is unreadable (%s: %s): redoing the unit",
+                        self.group.store,
+                        stage,
+                        unit,
+                        type(err).__name__,
+                        err,
+                    )
+            return out
 
     def mark_done(self, stage: str, unit: int) -> None:
         """Mark ``unit`` of ``stage`` committed (call after its data is written)."""
@@ -278,4 +317,4 @@ class CacheWriter:
             self.write(f"{direction}_fused", start, fused, check=False)
 
 
-__all__ = ["STAGES", "CacheWriter", "num_units", "unit_range"]
+__all__ = ["STAGES", "CacheWriter", "is_cache_dir", "num_units", "unit_range"]

@@ -2,9 +2,9 @@
 
 A shard is identified by its sha256 (``mcad_cache.hashing.file_sha256``), never by its file name: every importer
 names each split's first shard ``shard-000000.tar``, so names alone confuse the train and test splits of one import,
-or the same split of two imports. For messages each shard also carries its path relative to the **data root**: the
-nearest folder at or above the shards' common folder that holds an importer's ``index.json`` (so
-``train/shard-000000.tar`` and ``test/shard-000000.tar`` stay apart), else their common folder. Our choice.
+or the same split of two imports. For messages each shard also carries its path relative to its **data root**: the
+nearest folder above it that holds an importer's ``index.json`` (so ``train/shard-000000.tar`` and
+``test/shard-000000.tar`` stay apart), else the shards' common folder. Our choice.
 """
 
 from __future__ import annotations
@@ -20,8 +20,18 @@ INDEX_FILE = "index.json"  # written by every importer at the root of its output
 _ROOT_SEARCH_LEVELS = 3  # folders above the common folder searched for an index.json (OUT/<split>/shard: 1 level)
 
 
+def _index_root(path: Path) -> Path | None:
+    """The nearest folder above ``path`` (at most :data:`_ROOT_SEARCH_LEVELS` + 1 levels) holding an importer's
+    ``index.json``, or None."""
+    for folder in path.parents[: _ROOT_SEARCH_LEVELS + 1]:
+        if (folder / INDEX_FILE).is_file():
+            return folder
+    return None
+
+
 def data_root(shards: Sequence[str | os.PathLike[str]]) -> Path:
-    """The folder shard paths are reported relative to (see the module docstring).
+    """The folder shard paths without an importer's ``index.json`` above them are reported relative to: the shards'
+    common folder.
 
     Args:
         shards: shard file paths (at least one).
@@ -30,17 +40,21 @@ def data_root(shards: Sequence[str | os.PathLike[str]]) -> Path:
     """
     if not shards:
         raise ValueError("data_root needs at least one shard path")
-    common = Path(os.path.commonpath([os.path.abspath(os.fspath(s)) for s in shards]))
-    if len(shards) == 1 or common.is_file():
-        common = common.parent
-    for folder in [common, *common.parents][: _ROOT_SEARCH_LEVELS + 1]:
-        if (folder / INDEX_FILE).is_file():
-            return folder
-    return common
+    paths = [os.path.abspath(os.fspath(s)) for s in shards]
+    common = Path(os.path.commonpath(paths))
+    return common.parent if len(paths) == 1 or common.is_file() else common
+
+
+def shard_path(shard: str | os.PathLike[str], *, fallback_root: Path) -> str:
+    """``shard``'s path relative to its import's root (the folder of the nearest ``index.json`` above it, so
+    ``train/shard-000000.tar``), else relative to ``fallback_root``; POSIX separators."""
+    path = Path(os.path.abspath(os.fspath(shard)))
+    root = _index_root(path) or fallback_root
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
 
 
 def shard_records(shards: Sequence[str], hashes: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """``[{"name", "path", "sha256"}]`` per shard, in the given order: ``path`` is relative to :func:`data_root`.
+    """``[{"name", "path", "sha256"}]`` per shard, in the given order (``path``: :func:`shard_path`).
 
     Args:
         shards: shard file paths; hashes: their sha256 in the same order (computed when ``None``).
@@ -50,7 +64,7 @@ def shard_records(shards: Sequence[str], hashes: Sequence[str] | None = None) ->
         return []
     root = data_root(shards)
     return [
-        {"name": os.path.basename(s), "path": os.path.relpath(os.path.abspath(s), root), "sha256": h}
+        {"name": os.path.basename(s), "path": shard_path(s, fallback_root=root), "sha256": h}
         for s, h in zip(shards, hashes, strict=True)
     ]
 
@@ -88,6 +102,9 @@ def shard_records_diff(recorded: Sequence[dict[str, Any]], current: Sequence[dic
     lines = []
     for r in unmatched_cache:
         other = by_path.pop(_label(r), None)
+        if other is None:  # the same file under another root depth: one path ends with the other
+            near = [p for p in by_path if p.endswith("/" + _label(r)) or _label(r).endswith("/" + p)]
+            other = by_path.pop(near[0]) if len(near) == 1 else None
         if other is not None:
             lines.append(
                 f"{_label(r)}: content differs (sha256 {str(r['sha256'])[:12]}... in the cache, "
@@ -100,4 +117,4 @@ def shard_records_diff(recorded: Sequence[dict[str, Any]], current: Sequence[dic
     return lines
 
 
-__all__ = ["INDEX_FILE", "data_root", "shard_records", "shard_records_diff"]
+__all__ = ["INDEX_FILE", "data_root", "shard_path", "shard_records", "shard_records_diff"]

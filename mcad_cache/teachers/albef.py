@@ -481,6 +481,7 @@ def create_albef_teacher(
         load_report=report,
         tokenizer_name=f"bert-wordpiece-uncased({type(tok).__name__})",
     )
+    teacher.random_init = state_dict is None
     teacher.to(resolve_device(device))
     return teacher
 

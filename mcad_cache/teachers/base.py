@@ -186,6 +186,15 @@ def resolve_config(
     )
 
 
+def weights_source(teacher: Any) -> str:
+    """Where a teacher's weights came from: ``"random"`` (no weights were loaded: ``random_init``), ``"file"`` (a
+    checkpoint file or model folder, hashed by file) or ``"state_dict"`` (loaded otherwise, e.g. several sources;
+    the state dict is hashed)."""
+    if getattr(teacher, "random_init", False):
+        return "random"
+    return "file" if getattr(teacher, "weights_file", None) is not None else "state_dict"
+
+
 class BaseTeacher:
     """Common members of the built-in teachers. Subclasses set ``name``, ``kind``, ``preprocess_cfg``,
     ``tokenizer_cfg``, ``logit_scale``, ``architecture`` (a JSON-able dict) and ``model`` (the ``nn.Module``), and
@@ -200,6 +209,7 @@ class BaseTeacher:
     architecture: dict[str, Any]
     model: nn.Module
     weights_file: str | None = None
+    random_init: bool = False  # no checkpoint, tag or pretrained tower: every weight is the seeded random init
     _weights_sha256: str | None = None
 
     @property
@@ -231,14 +241,15 @@ class BaseTeacher:
         return self._weights_sha256
 
     def fingerprint(self) -> dict[str, Any]:
-        """Identity of the teacher (JSON-able): name, kind, architecture, weights (sha256 and whether it hashes a
-        file or the state dict), preprocess_cfg, tokenizer_cfg, logit_scale."""
+        """Identity of the teacher (JSON-able): name, kind, architecture, weights (sha256 and ``weights_source``:
+        ``"file"``, ``"state_dict"`` or ``"random"``, see :func:`weights_source`), preprocess_cfg, tokenizer_cfg,
+        logit_scale."""
         return {
             "name": self.name,
             "kind": self.kind,
             "architecture": copy.deepcopy(self.architecture),
             "weights_sha256": self.weights_sha256(),
-            "weights_source": "file" if self.weights_file is not None else "state_dict",
+            "weights_source": weights_source(self),
             "preprocess_cfg": copy.deepcopy(self.preprocess_cfg),
             "tokenizer_cfg": copy.deepcopy(self.tokenizer_cfg),
             "logit_scale": float(self.logit_scale),
@@ -280,4 +291,5 @@ __all__ = [
     "resolve_config",
     "resolve_device",
     "split_checkpoint_keys",
+    "weights_source",
 ]

@@ -339,6 +339,7 @@ def create_blip_teacher(
         itm_first_token=itm_first_token,
         logit_scale=logit_scale,
     )
+    teacher.random_init = source.startswith("config:")
     teacher.to(dev)
     _logger.info("blip teacher %s on %s (itm first token: %s)", source, dev, teacher.itm_first_token)
     return teacher

@@ -22,11 +22,14 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -200,6 +203,46 @@ class ClipTeacher(BaseTeacher):
         return F.normalize(out.float(), dim=-1)
 
 
+def _offline_tag_message(model_name: str, tag: str) -> str:
+    return (
+        f"--pretrained {tag}: the {model_name} weights of tag {tag!r} are not in the local cache and cannot be "
+        "downloaded here (no network); fetch them where there is network, or pass --pretrained /path/to/weights "
+        "(.safetensors, .bin or .pt)"
+    )
+
+
+def _tag_weights_reachable(cfg: Mapping[str, Any], *, cache_dir: str | None) -> bool:
+    """True when a pretrained tag's weights are in the local cache, or their host's name resolves (a download can
+    start). False fails fast, instead of the ~1 min of hub retries an offline machine spends before failing.
+
+    Mirrors ``open_clip.pretrained.download_pretrained``: the Hugging Face hub file (a ``.safetensors`` twin first),
+    else the URL's file under ``cache_dir`` (default ``~/.cache/clip``).
+    """
+    if not cfg or "file" in cfg:
+        return True
+    if cfg.get("hf_hub"):
+        model_id, filename = os.path.split(str(cfg["hf_hub"]))
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for name in names:
+            if isinstance(huggingface_hub.try_to_load_from_cache(model_id, name, cache_dir=cache_dir), str):
+                return True
+        host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    elif cfg.get("url"):
+        url = str(cfg["url"])
+        if os.path.isfile(os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))):
+            return True
+        host = urllib.parse.urlparse(url).hostname
+    else:
+        return True
+    try:
+        socket.getaddrinfo(host or "", 443)
+    except OSError:
+        return False
+    return True
+
+
 @register_teacher("clip")
 def create_clip_teacher(
     *,
@@ -234,6 +277,8 @@ def create_clip_teacher(
         UnknownModelError: an unknown built-in name or pretrained tag (the message lists what exists).
         CheckpointError: a checkpoint file open_clip cannot load into the model.
         FileNotFoundError: a ``.json`` config or checkpoint file that does not exist.
+        InputPathError: a checkpoint path that does not exist, or a tag whose weights are neither cached locally nor
+            downloadable (no network): fails at once, not after the hub's retries.
     """
     if model is not None and config is not None and model != config:
         raise ValueError(f"give model= or config=, not both (got model={model!r}, config={config!r})")
@@ -277,6 +322,10 @@ def create_clip_teacher(
                 f"pretrained {pretrained!r} is neither a file nor a tag of {model_name!r}; known tags: {tags}"
             )
 
+    if tag is not None and not _tag_weights_reachable(
+        open_clip.get_pretrained_cfg(model_name.replace("/", "-"), tag), cache_dir=cache_dir
+    ):
+        raise InputPathError(_offline_tag_message(model_name, tag))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -293,6 +342,10 @@ def create_clip_teacher(
             if weights_file is not None and ("state_dict" in str(err) or "size mismatch" in str(err)):
                 raise CheckpointError(f"{weights_file}: does not fit open_clip model {arch_source}: {err}") from err
             raise
+        except OSError as err:  # a download that failed after all (hub offline mode, a dropped connection)
+            if tag is None:
+                raise
+            raise InputPathError(f"{_offline_tag_message(model_name, tag)} ({type(err).__name__})") from err
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length, cache_dir=cache_dir)
     if tag is not None:
         # The cached download (no second download): hash the file the weights came from.
@@ -308,6 +361,8 @@ def create_clip_teacher(
         "precision": precision,
     }
     teacher = ClipTeacher(oc_model, tokenizer, architecture=architecture, weights_file=weights_file)
+    hf_text = bool(pretrained_text and (model_cfg or {}).get("text_cfg", {}).get("hf_model_name"))
+    teacher.random_init = weights_file is None and tag is None and not hf_text
     teacher.to(dev)
     _logger.info(
         "clip teacher %s (pretrained=%s) on %s, preprocess %s",
