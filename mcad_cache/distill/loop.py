@@ -10,7 +10,7 @@ Anything that draws random numbers per step must take them from a generator seed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ def train_loop(
     progress: Callable[..., Iterable[Any]] | None = None,
     max_epochs: int = 1_000_000,
     prefetch: int = 0,
+    callbacks: Sequence[Callable[[TrainState], bool]] = (),
 ) -> TrainState:
     """Run optimiser steps until ``total_steps``, resuming at ``state``.
 
@@ -89,6 +90,8 @@ def train_loop(
             "elapsed_s"}``.
         progress: ``progress(iterable, description, total)`` over step numbers.
         max_epochs: safety bound when an epoch yields no usable batch.
+        callbacks: called with the state after every step (after ``on_checkpoint``); one returning True stops
+            training after this step (early stopping, ``distill.validation.Validator``). All of them run each step.
         prefetch: prepare up to this many batches ahead in a background thread (0 = inline). ``prepare`` still
             runs in batch order with the same step numbers, so results do not change; it must not draw from the
             global RNG.
@@ -103,6 +106,7 @@ def train_loop(
     t0 = time.perf_counter()
     window_t, window_n = t0, 0
     empty_epochs = 0
+    stopped = False
     while state.step < total_steps:
         if state.epoch >= max_epochs:
             raise RuntimeError(f"stopped after {max_epochs} epochs without reaching {total_steps} steps")
@@ -148,12 +152,13 @@ def train_loop(
                     window_t, window_n = now, 0
                 if on_checkpoint is not None and checkpoint_every > 0 and state.step % checkpoint_every == 0:
                     on_checkpoint(state)
-                if state.step >= total_steps:
+                stopped = any([bool(callback(state)) for callback in callbacks])  # a list: every callback runs
+                if state.step >= total_steps or stopped:
                     break
         finally:
             if isinstance(items, Prefetcher):
                 items.close()
-        if state.step >= total_steps:
+        if state.step >= total_steps or stopped:
             break
         empty_epochs = 0 if trained_this_epoch else empty_epochs + 1
         if empty_epochs >= 2:
