@@ -137,6 +137,17 @@ def test_distill_and_online_quick_run_the_library_factory(work, monkeypatch):
     assert positive_finite(q["experiments"]["per_sample_s"].values())
 
 
+def test_bank_fidelity_quick(work):
+    module, p = run_quick("bank_fidelity", work, scratch="distill-data")
+    assert set(p["headline"]) == set(module.HEADLINE_KEYS) == set(p["headline_keys"])
+    (seed,) = p["per_seed"]
+    cos = [r["topk_cos"] for r in seed["per_step"]]
+    assert len(cos) == 3 and all(-1.0 <= c <= 1.0 for c in cos)
+    assert p["headline"]["topk_grad_cosine_median"] == sorted(cos)[1]
+    assert all(0.0 < r["loss_cos"] < 1.0 for r in seed["per_step"])  # related, but the bank is not exact
+    assert p["headline"]["rsum_bank_minus_online"] is None  # synthetic teachers: no recall claimed
+
+
 def test_storage_quick(work):
     module, p = run_quick("storage", work)
     by = {c["name"]: c for c in p["caches"]}
