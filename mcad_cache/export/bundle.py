@@ -92,7 +92,11 @@ def export_student(
     else:
         files = encoder_files(spec)
         manifest["files"] = files
-        manifest["tensors"] = write_encoders(student, folder, fmt=fmt, quantize=quantize, files=files)
+        try:
+            manifest["tensors"] = write_encoders(student, folder, fmt=fmt, quantize=quantize, files=files)
+        except ExportError:
+            shutil.rmtree(folder)  # no half-written export is left behind
+            raise
     (folder / PREPROCESS_FILE).write_text(
         json.dumps(student.preprocess_cfg | {"decode_policy": decode_policy}, indent=2) + "\n"
     )

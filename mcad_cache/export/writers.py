@@ -11,7 +11,8 @@ Qualcomm AI Hub's CLIP encoders). Writers, one per format, are looked up by name
   ``nn.Linear`` layers.
 - ``executorch``: ``torch.export`` -> ``to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])`` -> ``.pte``
   (ExecuTorch's documented XNNPACK flow).
-- ``coreml``: ``coremltools.convert`` of the traced towers to ``.mlpackage`` (conversion only; runs on macOS).
+- ``coreml``: ``coremltools.convert`` of the traced towers to ``.mlpackage`` (conversion only; runs on macOS). With
+  coremltools 9.0 the text tower does not convert, and the export stops with an ``ExportError`` naming the op.
 - ``open_clip``: see ``open_clip_checkpoint``.
 """
 
@@ -129,7 +130,16 @@ def write_coreml(module: nn.Module, args: tuple[Tensor, ...], path: Path, *, whi
     with torch.no_grad():
         traced = torch.jit.trace(module, args, check_trace=False)
     inputs = [ct.TensorType(name=n, shape=tuple(a.shape)) for n, a in zip(_io_names(which)[0], args, strict=True)]
-    ct.convert(traced, inputs=inputs, convert_to="mlprogram").save(str(path))
+    try:
+        converted = ct.convert(traced, inputs=inputs, convert_to="mlprogram")
+    except Exception as err:  # coremltools raises assorted types for unsupported ops; report it as one line
+        # Measured with coremltools 9.0 / torch 2.14: the image tower converts; the BERT text tower fails on its
+        # embeddings ("int" op from TorchScript; "new_ones" from torch.export), so --format coreml is refused.
+        raise ExportError(
+            f"--format coreml: coremltools {ct.__version__} cannot convert the {which} tower "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); use --format onnx or executorch"
+        ) from err
+    converted.save(str(path))
 
 
 WRITERS: dict[str, Callable[..., None]] = {
