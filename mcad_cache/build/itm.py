@@ -38,7 +38,7 @@ from mcad_cache.runtime import autocast
 from mcad_cache.teachers.base import SingleStreamTeacher
 from mcad_cache.teachers.text_states import TextStateCache, supports_text_states
 
-TOKEN_SCRATCH_MAX_BYTES = 8 * 2**30  # bound of the pass-1 image-token scratch (our choice; docs/cache-format.md)
+TOKEN_SCRATCH_MAX_BYTES = 8 * 2**30  # bound of the pass-1 image-token scratch (our choice; docs/benchmarks.md, 1)
 
 
 class TokenScratch:
