@@ -149,7 +149,8 @@ class ImageSource:
         shard_ids = sorted(set(self.shard_of[need].tolist()))
         read = [self.shards[i] for i in shard_ids]
         batcher = UnitBatcher(rows_per_unit=rows_per_unit, batch_size=batch_size, num_rows=n, todo_units=todo)
-        ds = SampleDataset(read, image_transform=self.transform, policy=self.policy)
+        # rank=0, world_size=1: the units already split the rows between ranks; every listed shard is read here
+        ds = SampleDataset(read, image_transform=self.transform, policy=self.policy, rank=0, world_size=1)
         loader = DataLoader(
             ds, batch_size=batch_size, num_workers=min(self.workers, len(read)), collate_fn=collate_keep_order
         )
