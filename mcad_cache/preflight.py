@@ -35,6 +35,24 @@ def check_writable_dir(path: str | os.PathLike[str], *, option: str = "--out") -
     return out
 
 
+def check_writable_file(path: str | os.PathLike[str], *, option: str) -> Path:
+    """Make sure the file ``path`` can be written: its folder is writable (created if needed, as
+    :func:`check_writable_dir`) and the path is not a folder nor a read-only file.
+
+    Returns:
+        ``Path(path)``.
+    Raises:
+        OutputPathError: names the option, the path and the fix.
+    """
+    p = Path(path)
+    check_writable_dir(p.parent, option=option)
+    if p.is_dir():
+        raise OutputPathError(f"{option} {p}: is a folder, a file path is needed")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise OutputPathError(f"{option} {p}: the file is not writable; choose another {option}")
+    return p
+
+
 def check_input_file(path: str | os.PathLike[str], *, option: str, allow_dir: bool = False) -> Path:
     """Make sure ``path`` exists and is a readable file (or, with ``allow_dir``, a folder).
 
@@ -63,4 +81,4 @@ def looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.endswith(WEIGHT_SUFFIXES)
 
 
-__all__ = ["WEIGHT_SUFFIXES", "check_input_file", "check_writable_dir", "looks_like_path"]
+__all__ = ["WEIGHT_SUFFIXES", "check_input_file", "check_writable_dir", "check_writable_file", "looks_like_path"]

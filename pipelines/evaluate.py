@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,7 +29,7 @@ from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, collate_samples, expand_shards
 from mcad_cache.distill import check_cache_data
 from mcad_cache.distill import rundir as rd
-from mcad_cache.errors import CacheCorruptError, ConfigError, DataSourceError, OutputPathError, RunDirError
+from mcad_cache.errors import CacheCorruptError, ConfigError, DataSourceError, RunDirError
 from mcad_cache.eval import (
     ITM_SCORES,
     encode_retrieval_set,
@@ -39,7 +38,7 @@ from mcad_cache.eval import (
     evaluate_single_stream,
 )
 from mcad_cache.metrics import METRIC_KEYS
-from mcad_cache.preflight import check_input_file, check_writable_dir, looks_like_path
+from mcad_cache.preflight import check_input_file, check_writable_file, looks_like_path
 from mcad_cache.progress import no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.student import DualEncoder
@@ -110,9 +109,7 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
         raise DataSourceError(f"--data: {err}; check the test shard paths") from err
     kind, folder = resolve_model_kind(config)
     out_path = _default_out(config, kind, folder)
-    check_writable_dir(out_path.parent, option="--out")  # before any metric is computed
-    if out_path.exists() and not os.access(out_path, os.W_OK):
-        raise OutputPathError(f"--out {out_path}: the file is not writable; choose another --out")
+    check_writable_file(out_path, option="--out")  # before any metric is computed
     if kind == "teacher" and config.pretrained and looks_like_path(config.pretrained):
         check_input_file(config.pretrained, option="--pretrained", allow_dir=True)
     device = resolve_device(config.device)

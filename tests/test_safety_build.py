@@ -108,7 +108,10 @@ def test_teacher_without_weights_needs_random_init(shards, tmp_path, tiny_albef_
     with pytest.raises(ConfigError, match="no weights were loaded"):
         run(_config(shard_dir, out, teacher="albef", model="tiny", k=2))
     run(_config(shard_dir, out, teacher="albef", model="tiny", k=2, random_init=True))
-    assert open_cache(out).manifest["fingerprint"]["teacher"]["weights_source"] == "random"
+    manifest = open_cache(out).manifest
+    assert manifest["fingerprint"]["teacher"]["weights_source"] == "random"
+    truncation = manifest["truncation"]["teacher"]  # counted with the teacher's own tokenizer and context
+    assert truncation["context_length"] == 16 and truncation["num_captions"] == open_cache(out).num_texts
     shown = runner.invoke(app, ["inspect", str(out), "--json"])
     assert shown.exit_code == 0 and '"weights_source": "random"' in shown.output
 

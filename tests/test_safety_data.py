@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from data_fixtures import good_sample, write_samples
 from PIL import Image, ImageFile
@@ -81,3 +82,28 @@ def test_shard_identity_is_content_and_path_under_the_data_root(tmp_path):
     other_train, _ = _import_like(tmp_path / "b", seed=1)  # another import, same keys, same names
     (line,) = shard_records_diff(recorded, shard_records([other_train]))
     assert line.startswith("train/shard-000000.tar: content differs")
+
+
+def test_token_lengths_and_truncation_counts(tiny_bert_tokenizer_dir):
+    """Old code: nothing counted truncated captions (docs/data.md said the build did)."""
+    import open_clip
+    from transformers import AutoTokenizer
+
+    from mcad_cache.data.truncation import compare_truncation, token_lengths, truncation_stats
+
+    texts = ["a dog", "a photo of a dog " * 20]
+    clip_tok = open_clip.get_tokenizer("ViT-B-32")
+    clip_len = token_lengths(clip_tok, texts)
+    ids = clip_tok(texts)  # the reference: the truncated ids hold <eot> (49407) only if the caption fits
+    assert clip_len.tolist()[0] == int((ids[0] != 0).sum()) and clip_len[1] > 77 and int(ids[1, -1]) == 49407
+    bert = AutoTokenizer.from_pretrained(str(tiny_bert_tokenizer_dir))
+    bert_len = token_lengths(bert, texts)
+    assert bert_len[0] == len(bert("a dog")["input_ids"]) and bert_len[1] > 16
+    assert token_lengths(object(), texts) is None  # unknown tokenizer: nothing counted
+    stats = truncation_stats(np.asarray([5, 20, 77, 78]), context_length=77)
+    assert stats["num_truncated"] == 1 and stats["share_truncated"] == 0.25 and stats["max_tokens"] == 78
+    share, message = compare_truncation(
+        np.asarray([5, 40, 90]), np.asarray([5, 40, 90]), teacher_context=77, student_context=32
+    )
+    assert share == pytest.approx(1 / 3) and "student cuts 2 at 32" in message and "teacher cuts 1 at 77" in message
+    assert compare_truncation(np.asarray([5]), np.asarray([5]), teacher_context=77, student_context=32)[1] is None

@@ -40,6 +40,7 @@ from mcad_cache.config import BuildConfig
 from mcad_cache.data import SKIP_REASONS, DecodePolicy, expand_shards
 from mcad_cache.data.decode import reset_pil_flags
 from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.data.truncation import token_lengths, truncation_stats
 from mcad_cache.errors import CacheSchemaError, DataSourceError, OutputPathError
 from mcad_cache.hashing import file_sha256
 from mcad_cache.progress import ProgressFn, no_progress
@@ -236,7 +237,7 @@ def build_cache(
             _logger.info("rank %d of %d: all its units are committed; rank 0 finalizes", rank, world)
             seconds = time.perf_counter() - t_start
             return BuildResult(path=str(out), status="rank-done", seconds=seconds, stage_seconds=timer.seconds)
-        final = finalize(writer, rows=rows, shards=shards)
+        final = finalize(writer, rows=rows, shards=shards, truncation=caption_truncation(teacher, writer))
     seconds = time.perf_counter() - t_start
     _logger.info("cache %s %s in %.1f s: %s", out, status, seconds, final)
     return BuildResult(path=str(out), status=status, seconds=seconds, stage_seconds=stage_seconds, **final)
@@ -364,7 +365,32 @@ def topk_fill(writer: CacheWriter, *, image_valid: np.ndarray, text_valid: np.nd
     return fill
 
 
-def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str, Any]:
+def caption_truncation(teacher: Teacher, writer: CacheWriter) -> dict[str, Any]:
+    """The teacher tokenizer's truncation counts over the cached captions (``data.truncation``), for the manifest's
+    ``truncation`` entry; a warning gives the share of captions the teacher cuts. ``{}`` when the teacher's
+    tokenizer is of no known kind (e.g. a test teacher)."""
+    context = int(teacher.tokenizer_cfg.get("context_length") or 0)
+    tokenizer = getattr(teacher, "tokenizer", None)
+    lengths = token_lengths(tokenizer, [str(c) for c in writer.group["captions"][:]]) if tokenizer else None
+    if lengths is None or context <= 0:
+        return {}
+    stats = truncation_stats(lengths, context_length=context)
+    if stats["num_truncated"]:
+        _logger.warning(
+            "%d of %d captions (%.1f%%) are longer than the teacher's context of %d tokens and are cut (longest: %d "
+            "tokens); cut captions may become identical token sequences",
+            stats["num_truncated"],
+            stats["num_captions"],
+            100 * stats["share_truncated"],
+            context,
+            stats["max_tokens"],
+        )
+    return {"teacher": stats}
+
+
+def finalize(
+    writer: CacheWriter, *, rows: Rows, shards: list[str], truncation: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Rank 0, every unit committed: write counts, skips (pass 0 + pass 1) and per-shard counts into the manifest,
     remove the scratch files, and set ``complete`` (the last write). Returns the counts of :class:`BuildResult`."""
     g = writer.group
@@ -404,6 +430,7 @@ def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str,
         },
         "shards": shard_entries,
         "topk_fill": fill,
+        "truncation": truncation or {},  # per text model: captions cut at its context length (data.truncation)
     }
     scratch = scratch_dir(writer)
     if scratch.exists():  # every t2i unit is committed: the scratch files are no longer needed
@@ -415,6 +442,7 @@ def finalize(writer: CacheWriter, *, rows: Rows, shards: list[str]) -> dict[str,
 __all__ = [
     "BuildResult",
     "build_cache",
+    "caption_truncation",
     "finalize",
     "open_candidate_source",
     "refuse_foreign_out",
