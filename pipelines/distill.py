@@ -30,13 +30,17 @@ from mcad_cache.distill import (
     train_loop,
 )
 from mcad_cache.distill import rundir as rd
+from mcad_cache.distill.ddp import gather_counts, mean_over_ranks
+from mcad_cache.distill.tracking import create_run_hooks
 from mcad_cache.errors import RunDirError
+from mcad_cache.pipelines.torchrun import process_group, torchrun_env
 from mcad_cache.progress import no_progress
 
 _logger = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2  # batches joined (cache reads, candidate images) ahead of the step, in a background thread
 KEEP_CHECKPOINTS = 2  # checkpoint folders kept in the run dir (older ones are pruned)
+DIST_TIMEOUT_S = 1800.0  # torchrun's process group: a collective waits this long for a missing rank (torch's default)
 
 
 def _make_run_dir(path: Path) -> None:
@@ -52,8 +56,13 @@ def _make_run_dir(path: Path) -> None:
 def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:
     """Distil a student from the caches in ``config.cache`` on ``config.data``; see the module docstring.
 
+    Under torchrun (``WORLD_SIZE`` > 1) the run joins the process group (NCCL on GPUs, else gloo) unless the caller
+    already has one, and trains data-parallel: each rank its own chunks of the shards, in-batch terms over the global
+    batch unless ``in_batch="rank"`` (``mcad_cache.distill.ddp``); logged losses are the mean over the ranks.
+
     Returns:
-        The summary dict (also written to ``summary.json``).
+        The summary dict (also written to ``summary.json``) on rank 0; on other ranks a short dict (``rank``,
+        ``world_size``, ``steps``, ``samples_seen``, ``samples_seen_per_rank``, ``replicas_in_sync``, ``run_dir``).
     Raises:
         ConfigError: bad config values (unknown preset, batch size < 2, no training step).
         RunDirError: ``out`` cannot be written.
@@ -64,6 +73,12 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         CheckpointError: resuming a run directory written with another config.
         NonFiniteError: a NaN/inf loss (names the step and the batch's keys).
     """
+    with process_group(torchrun_env(), device=config.device, timeout_s=DIST_TIMEOUT_S):
+        return _run(config, progress=progress)
+
+
+def _run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]]) -> dict[str, Any]:
+    """:func:`run` inside the process group, when there is one."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     rank, world = _dist_info()
@@ -99,13 +114,19 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         config.student, model.num_params()["total"],
     )  # fmt: skip
 
+    hooks = create_run_hooks(
+        config, model=model, resolved=d.resolved, total_steps=d.total_steps, start_step=state.step, is_main=is_main
+    )  # --report-to trackers, --val-data validator (issue 15)
     last: dict[str, Any] = {}
 
     def on_log(values: dict[str, Any]) -> None:
         values = {**values, **loss_module.diagnostics(), "logit_scale": float(model.logit_scale.detach())}
+        if world > 1:  # the global batch's losses (a collective: every rank logs at the same steps)
+            values = mean_over_ranks(values, keys=lambda k: k == "loss" or k.endswith("_loss"))
         last.update(values)
-        if is_main:  # rank 0's own batch losses
+        if is_main:  # the losses of the global batch (mean over the ranks)
             rd.append_metrics(run_dir, values)
+            hooks.log(values)
 
     def on_checkpoint(st: TrainState) -> None:
         states = [rank_state(st)]
@@ -129,15 +150,20 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         optimizer=d.optimizer, scheduler=d.scheduler, state=state, total_steps=d.total_steps, rng_state=rng_state,
         grad_clip=config.grad_clip, precision=config.precision, device=d.device, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint,
-        progress=progress if is_main else None, prefetch=PREFETCH_BATCHES,
+        progress=progress if is_main else None, prefetch=PREFETCH_BATCHES, callbacks=hooks.callbacks,
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
     just_saved = config.checkpoint_every > 0 and state.step % config.checkpoint_every == 0 and state.step > start_step
     if not just_saved and (state.step > start_step or latest is None):
         on_checkpoint(state)
+    best = hooks.close()
     in_sync = _replicas_in_sync(model, loss_module) if world > 1 else True
+    seen = gather_counts(state.samples_seen) if world > 1 else [state.samples_seen]
     if not is_main:
-        return {"run_dir": str(run_dir), "rank": rank, "steps": state.step, "replicas_in_sync": in_sync}
+        return {
+            "run_dir": str(run_dir), "rank": rank, "world_size": world, "steps": state.step,
+            "samples_seen": seen[rank], "samples_seen_per_rank": seen, "replicas_in_sync": in_sync,
+        }  # fmt: skip
     final = rd.save_final(run_dir, model=model, loss_module=loss_module)
     curves = rd.plot_curves(run_dir / rd.METRICS_FILE, run_dir / rd.CURVES_FILE)
     summary = {
@@ -148,8 +174,10 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         "steps": state.step,
         "steps_this_session": state.step - start_step,
         "epochs_started": state.epoch + 1,
-        "samples_seen": state.samples_seen,
+        "samples_seen": sum(seen),
+        "samples_seen_per_rank": seen,
         "world_size": world,
+        "in_batch": config.in_batch if world > 1 else "global",
         "replicas_in_sync": in_sync,
         "elapsed_s": elapsed,
         "final": {k: v for k, v in last.items() if k.endswith("_loss") or k in ("loss", "lr", "logit_scale")},
@@ -163,6 +191,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         "skips": d.report.to_dict() | {"note": "samples read by this session (skipped-over batches included)"},
         "checkpoint": str(final),
         "loss_curves": str(curves) if curves else None,
+        "best": best,
     }
     rd.write_summary(run_dir, summary)
     return summary
