@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging, user_error
+from mcad_cache.cli.app import app, call_pipeline, progress, setup_logging, user_error
+from mcad_cache.cli.options import (
+    CANDIDATES,
+    PRECISION,
+    PRESET,
+    REPORT_TO,
+    STUDENT,
+    choice,
+    device_option,
+    explicit_flags,
+    stdout,
+)
 from mcad_cache.config import DistillConfig, load_config
 
 
@@ -26,73 +37,117 @@ def _init_distributed() -> None:
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+D = DistillConfig()  # defaults shown in --help; a --config file overrides them, typed flags override both
+
+
 @app.command("distill")
 def distill(
+    ctx: typer.Context,
     cache: Annotated[
-        list[str], typer.Option("--cache", help="teacher cache (repeat: one CLIP, one ALBEF/BLIP)")
+        list[str], typer.Option("--cache", metavar="DIR", help="teacher cache (repeat: one CLIP, one ALBEF/BLIP)")
     ] = None,
-    data: Annotated[list[str], typer.Option("--data", help="training shards (paths, globs, brace patterns)")] = None,
-    out: Annotated[str, typer.Option(help="run directory (resumed when it holds a checkpoint)")] = None,
-    student: Annotated[str, typer.Option(help="student config name or JSON path")] = None,
-    preset: Annotated[str, typer.Option(help="mcad | contrastive | clip-kd | clip-kd-feat | single-topk")] = None,
-    k: Annotated[int, typer.Option("--k", help="top-k candidates used (<= the caches' k)")] = None,
-    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = None,
-    steps: Annotated[int, typer.Option(help="optimiser steps (0 = epochs x steps per epoch)")] = None,
-    epochs: Annotated[int, typer.Option(help="passes over the data when --steps is 0")] = None,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = None,
-    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = None,
-    grad_clip: Annotated[float, typer.Option(help="max global gradient norm (0 = off)")] = None,
+    data: Annotated[
+        list[str],
+        typer.Option("--train-data", "--data", metavar="SHARDS", help="training shards (paths, globs, brace patterns)"),
+    ] = None,
+    val_data: Annotated[
+        list[str], typer.Option("--val-data", metavar="SHARDS", help="validation shards: recall every --eval-every")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(metavar="N", help="steps between validations (0 = after the last step only)")
+    ] = D.eval_every,
+    early_stopping: Annotated[
+        int, typer.Option(metavar="N", help="stop after N validations without a better val RSUM (0 = never)")
+    ] = D.early_stopping,
+    out: Annotated[str, typer.Option(metavar="DIR", help="run directory (resumed when it holds a checkpoint)")] = D.out,
+    student: Annotated[str, choice(STUDENT, "student config name or a JSON path")] = D.student,
+    preset: Annotated[str, choice(PRESET, "loss preset (mcad-cache list presets)")] = D.preset,
+    k: Annotated[int, typer.Option("--k", metavar="N", help="top-k candidates used (<= the caches' k)")] = D.k,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="image-caption pairs per step")] = D.batch_size,
+    steps: Annotated[int, typer.Option(metavar="N", help="optimiser steps (0 = epochs x steps per epoch)")] = D.steps,
+    epochs: Annotated[int, typer.Option(metavar="N", help="passes over the data when --steps is 0")] = D.epochs,
+    lr: Annotated[float, typer.Option(metavar="LR", help="peak AdamW learning rate")] = D.lr,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", "--wd", metavar="WD", help="AdamW weight decay")] = (
+        D.weight_decay
+    ),
+    warmup_steps: Annotated[
+        int, typer.Option("--warmup-steps", "--warmup", metavar="N", help="linear warmup steps")
+    ] = D.warmup_steps,
+    grad_clip: Annotated[float, typer.Option(metavar="NORM", help="max global gradient norm (0 = off)")] = D.grad_clip,
     workers: Annotated[
-        int, typer.Option(help="DataLoader decode processes (-1 = auto from the cores; never changes the order)")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on CUDA only)")] = None,
-    seed: Annotated[int, typer.Option(help="seed of init, shuffling and caption choice")] = None,
-    shuffle_buffer: Annotated[int, typer.Option(help="sample shuffle buffer (0 = stream order)")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between resumable checkpoints (0 = end only)")] = None,
-    log_every: Annotated[int, typer.Option(help="steps between metrics.jsonl lines")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="resume from the run dir's checkpoint")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = auto: the cores the workers leave)")] = None,
+        int,
+        typer.Option(
+            metavar="N", help="DataLoader decode processes (-1 = auto from the cores; never changes the order)"
+        ),
+    ] = D.workers,
+    device: Annotated[str, device_option("where the student trains")] = D.device,
+    precision: Annotated[str, choice(PRECISION, "autocast precision (CUDA only; auto = bf16 there)")] = D.precision,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of init, shuffling and caption choice")] = D.seed,
+    shuffle_buffer: Annotated[
+        int, typer.Option(metavar="N", help="sample shuffle buffer (0 = stream order)")
+    ] = D.shuffle_buffer,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", "--save-every", metavar="N", help="steps between checkpoints (0 = end)")
+    ] = D.checkpoint_every,
+    log_every: Annotated[int, typer.Option(metavar="N", help="steps between metrics.jsonl lines")] = D.log_every,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="resume from the run dir's checkpoint")] = (
+        D.resume
+    ),
+    threads: Annotated[
+        int, typer.Option(metavar="N", help="torch CPU threads (0 = auto: the cores the workers leave)")
+    ] = D.threads,
     candidates: Annotated[
         str,
-        typer.Option(
-            help="top-k candidate embeddings: online (encoded in the step with gradient: exact, ~8x a contrastive "
-            "step) | bank (read from a bank of detached student embeddings: about the cost of a contrastive step; "
-            "docs/distill.md)"
+        choice(
+            CANDIDATES,
+            "top-k candidate embeddings: online (encoded in the step with gradient: exact, ~8x a contrastive step) | "
+            "bank (read from a bank of detached student embeddings: about the cost of a contrastive step)",
         ),
-    ] = None,
+    ] = D.candidates,
     bank_text: Annotated[
-        str, typer.Option(help="with --candidates bank: caption candidates from the bank | online (encoded in a step)")
-    ] = None,
+        str, choice(CANDIDATES, "with --candidates bank: caption candidates from the bank | online")
+    ] = D.bank_text,
     bank_ema: Annotated[
-        float, typer.Option(help="with --candidates bank: momentum of an EMA student refreshing the bank (0 = none)")
-    ] = None,
+        float, typer.Option(metavar="M", help="with --candidates bank: EMA momentum refreshing the bank (0 = none)")
+    ] = D.bank_ema,
     bank_refresh_every: Annotated[
-        int, typer.Option(help="with --candidates bank: steps between full re-encodes of the bank (0 = never)")
+        int, typer.Option(metavar="N", help="with --candidates bank: steps between full re-encodes (0 = never)")
+    ] = D.bank_refresh_every,
+    report_to: Annotated[
+        str, choice(REPORT_TO, "tracking beside metrics.jsonl (wandb: when installed, offline unless WANDB_MODE)")
+    ] = D.report_to,
+    run_name: Annotated[
+        str, typer.Option(metavar="NAME", help="name in plots and trackers (default: --out's name)")
+    ] = (D.run_name),
+    loss: Annotated[
+        str, typer.Option(metavar="JSON", help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")
     ] = None,
-    loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")] = None,
-    config: Annotated[str, typer.Option("--config", help="run.json with DistillConfig fields")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    config: Annotated[
+        str, typer.Option("--config", metavar="FILE", help="JSON with DistillConfig fields (flags win)")
+    ] = (None),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")] = False,
 ) -> None:
-    """Distil a student from cached teacher targets joined to the shards by key."""
+    """Distil a student from cached teacher targets joined to the shards by key; with --val-data, validate every
+    --eval-every steps and keep the best checkpoint by val RSUM beside the last."""
     setup_logging(verbose)
     from mcad_cache.pipelines import distill as pipeline
 
     _init_distributed()
-    try:
-        loss_overrides = json.loads(loss) if loss else None
-    except json.JSONDecodeError as err:
-        raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
-    cfg = call_pipeline(
-        load_config, DistillConfig, config, cache=cache or None, data=data or None, out=out, student=student,
-        preset=preset, k=k, batch_size=batch_size, steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers, device=device, precision=precision,
-        seed=seed, shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, log_every=log_every,
-        resume=resume, loss=loss_overrides, threads=threads, candidates=candidates, bank_text=bank_text,
-        bank_ema=bank_ema, bank_refresh_every=bank_refresh_every,
-    )  # fmt: skip
+    flags = explicit_flags(ctx)
+    if loss is not None:
+        try:
+            flags["loss"] = json.loads(loss)
+        except json.JSONDecodeError as err:
+            raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
+    cfg = call_pipeline(load_config, DistillConfig, config, **flags)
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
+    if summary.get("rank", 0) != 0:  # torchrun: rank 0 writes the run directory and prints the summary
+        seen = summary["samples_seen_per_rank"]
+        typer.echo(
+            f"rank {summary['rank']} of {summary['world_size']}: {summary['steps']} steps, {seen[summary['rank']]} "
+            f"pairs seen (per rank: {seen}); rank 0 writes {summary['run_dir']}"
+        )
+        return
     table = Table(title=f"distill {cfg.preset} -> {summary['run_dir']}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -102,4 +157,8 @@ def distill(
     for name, value in summary["final"].items():
         table.add_row(name, f"{value:.4g}")
     table.add_row("student", summary["checkpoint"])
-    console.print(table)
+    best = summary.get("best")
+    if best:
+        table.add_row("best val RSUM", f"{best['val_rsum']:.2f} at step {best['step']}")
+        table.add_row("best student", best["checkpoint"])
+    stdout.print(table)

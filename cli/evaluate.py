@@ -9,6 +9,19 @@ import typer
 from rich.table import Table
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from mcad_cache.cli.options import (
+    FORMAT_HELP,
+    ITM_SCORE,
+    PRECISION,
+    TEACHER,
+    Format,
+    choice,
+    device_option,
+    explicit_flags,
+    print_json,
+    render_rows,
+    stdout,
+)
 from mcad_cache.config import EvalConfig, load_config
 
 _COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
@@ -32,38 +45,63 @@ def _metrics_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
+E = EvalConfig()  # defaults shown in --help; a --config file overrides them, typed flags override both
+
+
+def _rows(results: list[dict]) -> list[dict]:
+    """One flat row per result for csv / md: name, the seven metrics, counts and the score."""
+    rows = []
+    for r in results:
+        p = r["protocol"]
+        rows.append({"model": r.get("name", r.get("model")), **{c: round(r["metrics"][c], 4) for c in _COLUMNS},
+                     "images": p["num_images"], "captions": p["num_captions"],
+                     "score": str(p.get("score_short", p.get("score", "")))})  # fmt: skip
+    return rows
+
+
+ROW_COLUMNS = ("model", *_COLUMNS, "images", "captions", "score")
+
+
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     model: Annotated[
         str,
         typer.Option(
-            help="run dir, student checkpoint, cache built on the test shards, or the teacher's model (with --teacher)"
+            metavar="PATH",
+            help="run dir, student checkpoint, cache built on the test shards, or the teacher's model (with --teacher)",
         ),
+    ] = E.model,
+    teacher: Annotated[str, choice(TEACHER, "evaluate a teacher (registry name)")] = None,
+    pretrained: Annotated[str, typer.Option(metavar="WEIGHTS", help="teacher weights (tag, file or folder)")] = (
+        E.pretrained
+    ),
+    data: Annotated[
+        list[str], typer.Option("--data", "--test-data", metavar="SHARDS", help="test shards")
     ] = None,
-    teacher: Annotated[str, typer.Option(help="evaluate a teacher: clip | albef | blip")] = None,
-    pretrained: Annotated[str, typer.Option(help="teacher weights (tag, file or folder)")] = None,
-    data: Annotated[list[str], typer.Option("--data", help="test shards")] = None,
-    out: Annotated[str, typer.Option(help="results JSON (default: RUN/eval.json or .work/eval/...)")] = None,
-    batch_size: Annotated[int, typer.Option(help="encoding batch size")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    k_test: Annotated[int, typer.Option(help="single-stream: ITC top-k re-ranked by ITM")] = None,
-    itm_score: Annotated[str, typer.Option(help="single-stream rank score: itm | itm+itc")] = None,
-    chunk_size: Annotated[int, typer.Option(help="query rows per similarity chunk")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default)")] = None,
-    config: Annotated[str, typer.Option("--config", help="JSON with EvalConfig fields")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    out: Annotated[
+        str, typer.Option(metavar="FILE", help="results JSON (default: named by model, weights and data fingerprint)")
+    ] = E.out,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="encoding batch size")] = E.batch_size,
+    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes")] = E.workers,
+    device: Annotated[str, device_option("where the model runs")] = E.device,
+    k_test: Annotated[int, typer.Option(metavar="K", help="single-stream: ITC top-k re-ranked by ITM")] = E.k_test,
+    itm_score: Annotated[str, choice(ITM_SCORE, "single-stream rank score")] = E.itm_score,
+    chunk_size: Annotated[int, typer.Option(metavar="N", help="query rows per similarity chunk")] = E.chunk_size,
+    precision: Annotated[str, choice(PRECISION, "autocast precision (CUDA only)")] = E.precision,
+    threads: Annotated[int, typer.Option(metavar="N", help="torch CPU threads (0 = default)")] = E.threads,
+    fmt: Annotated[Format, typer.Option("--format", help=FORMAT_HELP)] = Format.table,
+    config: Annotated[str, typer.Option("--config", metavar="FILE", help="JSON with EvalConfig fields (flags win)")] = (
+        None
+    ),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")] = False,
 ) -> None:
-    """Image-text retrieval: i2t and t2i R@1/5/10 and RSUM (percent), any number of captions per image."""
+    """Image-text retrieval: i2t and t2i R@1/5/10 and RSUM (percent), any number of captions per image. Results
+    on stdout (--format), logs and the protocol on stderr."""
     setup_logging(verbose)
     from mcad_cache.pipelines import evaluate as pipeline
 
-    cfg = call_pipeline(
-        load_config, EvalConfig, config, model=model, teacher=teacher, pretrained=pretrained, data=data or None,
-        out=out, batch_size=batch_size, workers=workers, device=device, k_test=k_test, itm_score=itm_score,
-        chunk_size=chunk_size, precision=precision, threads=threads,
-    )  # fmt: skip
+    cfg = call_pipeline(load_config, EvalConfig, config, **explicit_flags(ctx))
     result = call_pipeline(pipeline.run, cfg, progress=progress)
     p = result["protocol"]
     cpi = p["captions_per_image"]
@@ -74,14 +112,23 @@ def eval_(
     )  # fmt: skip
     for notice in result["notices"]:
         console.print(f"[yellow]notice:[/yellow] {notice}", highlight=False)
-    console.print(_metrics_table(f"eval -> {result['out']}", [result | {"name": Path(result["model"]).name}]))
+    console.print(f"results: {result['out']}", highlight=False, soft_wrap=True)
+    named = result | {"name": Path(result["model"]).name or result["model"]}
+    if fmt is Format.json:
+        print_json(result)
+    elif fmt is Format.table:
+        stdout.print(_metrics_table(f"eval -> {result['out']}", [named]))
+    else:
+        render_rows(_rows([named]), ROW_COLUMNS, fmt)
 
 
 @app.command("compare")
 def compare(
-    results: Annotated[list[str], typer.Argument(help="run dirs (with eval.json) or eval JSON files")],
+    results: Annotated[list[str], typer.Argument(help="run dirs (with eval results) or eval JSON files")],
+    fmt: Annotated[Format, typer.Option("--format", help=FORMAT_HELP)] = Format.table,
+    plot: Annotated[str, typer.Option(metavar="FILE.png", help="also write grouped bars of R@K per model here")] = None,
 ) -> None:
-    """One table of retrieval metrics for several runs / eval results."""
+    """One table of retrieval metrics for several runs / eval results (stdout), optionally a bar plot."""
     from mcad_cache.pipelines import evaluate as pipeline
 
     rows = call_pipeline(pipeline.load_results, results)
@@ -89,4 +136,13 @@ def compare(
     if len(set(names)) < len(names):  # same folder names: show the full paths
         names = list(results)
     rows = [row | {"name": name} for row, name in zip(rows, names, strict=True)]
-    console.print(_metrics_table("compare", rows))
+    if plot:
+        from mcad_cache.pipelines import catalog
+
+        console.print(f"plot: {catalog.plot_recall_bars(rows, plot)}", highlight=False)
+    if fmt is Format.json:
+        print_json([{"name": r["name"], "metrics": r["metrics"], "protocol": r["protocol"]} for r in rows])
+    elif fmt is Format.table:
+        stdout.print(_metrics_table("compare", rows))
+    else:
+        render_rows(_rows(rows), ROW_COLUMNS, fmt)

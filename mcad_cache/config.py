@@ -62,6 +62,10 @@ class BuildConfig:
     rank: int = 0  # this build process's index among world_size processes writing one cache (disjoint units)
     world_size: int = 1  # number of build processes sharing the work (each launched with its own --rank)
     wait_timeout_s: float = 1800.0  # seconds a rank waits for missing ranks between passes before it fails
+    views: int = 1  # V image views stored per image (1 = canonical only; > 1 needs augment; docs/cache-format.md)
+    augment: str = ""  # view augmentation spec, e.g. rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1 (mcad_cache.views)
+    view_seed: int = 0  # seed of the per-view crop / flip draws (with the sample key and view index)
+    view_targets: str = "canonical"  # single-stream ITM / fused targets: of the canonical view only (per view: x V)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,13 @@ class DistillConfig:
     bank_text: str = "bank"  # with --candidates bank: caption candidates from the bank | online (encoded in the step)
     bank_ema: float = 0.0  # momentum of the EMA student that refreshes the bank, in [0, 1) (0 = the live student)
     bank_refresh_every: int = 0  # steps between full re-encodes of the bank (0 = initial fill, then anchors only)
+    val_data: tuple[str, ...] = ()  # validation shards: retrieval recall every eval_every steps (() = no validation)
+    eval_every: int = 0  # steps between validations (0 = only after the last step); needs val_data
+    early_stopping: int = 0  # stop after this many validations without a better val RSUM (0 = never; our choice)
+    report_to: str = "none"  # extra tracking beside metrics.jsonl: none | csv | tensorboard | wandb (offline-safe)
+    run_name: str = ""  # name in plots and trackers ("" = the run directory's name)
+    augment: str = ""  # augmentation the student asks for: "" = replay the cache's stored views (if any), else a spec
+    allow_aug_mismatch: bool = False  # train although the cache holds no views of `augment` (warned and recorded)
     in_batch: str = "global"  # under DDP, in-batch ITC/KD over all ranks' samples (global) or each rank's own (rank)
 
 

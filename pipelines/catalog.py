@@ -13,13 +13,12 @@ from mcad_cache.build.fingerprint import TOPK_BACKENDS
 from mcad_cache.cache.schema import EMB_DTYPES, FUSED_DTYPES
 from mcad_cache.data.importers import list_importers
 from mcad_cache.distill.bank import CANDIDATE_MODES
+from mcad_cache.distill.tracking import REPORT_TO
 from mcad_cache.eval import ITM_SCORES
 from mcad_cache.losses import INTEGRATIONS, PRESETS
 from mcad_cache.runtime import PRECISIONS
 from mcad_cache.student import StudentConfig, get_student_config, list_students
 from mcad_cache.teachers import list_teachers
-
-REPORT_TO = ("none", "csv", "tensorboard", "wandb")  # distill --report-to (mcad_cache.distill.tracking)
 
 _CHOICES: dict[str, Callable[[], list[str]]] = {
     "teachers": list_teachers,
@@ -90,6 +89,13 @@ def describe(what: str) -> list[dict[str, str]]:
     raise KeyError(what)
 
 
+def plot_recall_bars(rows: list[dict], out_path: str) -> str:
+    """``compare --plot``: grouped bars of R@K per model (``distill.plots.plot_recall_bars``); returns the path."""
+    from mcad_cache.distill.plots import plot_recall_bars as draw
+
+    return str(draw(rows, out_path, title=f"retrieval recall: {len(rows)} models"))
+
+
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
@@ -100,4 +106,4 @@ def _text_name(cfg: StudentConfig) -> str:
     return f"{cfg.text_config.get('model_type', 'bert')} ({cfg.text_config.get('num_hidden_layers', '?')} layers)"
 
 
-__all__ = ["LISTABLE", "REPORT_TO", "choices", "describe"]
+__all__ = ["LISTABLE", "choices", "describe", "plot_recall_bars"]

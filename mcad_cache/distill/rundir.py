@@ -3,8 +3,10 @@
 Layout (``DistillConfig.out``)::
 
     config.json         resolved DistillConfig (+ the resolved LossConfig under "loss_config")
-    metrics.jsonl       one JSON line per logged step: losses, lr, grad norm, throughput
-    loss_curves.png     loss terms against step (matplotlib, Agg backend)
+    metrics.jsonl       one JSON line per logged step: losses, lr, grad norm, throughput; val_* lines
+    metrics.csv         with --report-to csv; tensorboard/ with --report-to tensorboard (distill.tracking)
+    loss_curves.png     panels per loss group, lr, grad norms, logit scale, throughput, val recall (distill.plots)
+    best/               with --val-data: the student with the best val RSUM + val.json (distill.validation)
     checkpoints/step_N/ resumable checkpoints (distill.checkpoint)
     final/              the student (model.safetensors, student_config.json, tokenizer/) + loss.safetensors
     summary.json        steps, samples, time, final losses, caches used, skip counts
@@ -29,7 +31,10 @@ CURVES_FILE = "loss_curves.png"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 STUDENT_CONFIG = "student_config.json"  # DualEncoder.save's config file: marks a student checkpoint folder
-RESUME_FREE_FIELDS = ("resume", "workers", "log_every", "checkpoint_every", "device", "threads")  # may change on resume
+RESUME_FREE_FIELDS = (
+    "resume", "workers", "log_every", "checkpoint_every", "device", "threads",
+    "report_to", "run_name", "val_data", "eval_every", "early_stopping",  # validation never changes training
+)  # fields that may change on resume  # fmt: skip
 
 
 def check_resume_config(run_dir: str | Path, resolved: dict[str, Any]) -> None:
@@ -117,31 +122,17 @@ def run_dir_of(student_folder: str | Path) -> Path:
     return folder.parent if folder.name == FINAL_DIR else folder
 
 
-def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Plot every ``*_loss`` and ``loss`` from metrics.jsonl against step into a PNG (matplotlib Agg)."""
-    import matplotlib
+def plot_curves(metrics_path: str | Path, out_path: str | Path, *, run_name: str | None = None) -> Path | None:
+    """Draw metrics.jsonl into a PNG (``distill.plots.plot_run``: panels per loss group, log scale where terms
+    differ by orders of magnitude, grad norms, logit scale, throughput, val recall). ``run_name`` defaults to
+    ``config.json``'s ``run_name`` beside the metrics, else the run dir's name."""
+    from mcad_cache.distill.plots import plot_run
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    if not rows:
-        return None
-    names = sorted({k for r in rows for k in r if k == "loss" or k.endswith("_loss")})
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
-    steps = [r["step"] for r in rows]
-    for name in names:
-        ax.plot(steps, [r.get(name, float("nan")) for r in rows], label=name, lw=2.0 if name == "loss" else 1.0)
-    ax.set_ylabel("loss (weighted)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="k")
-    ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return Path(out_path)
+    if run_name is None:
+        cfg_path = Path(metrics_path).parent / CONFIG_FILE
+        saved = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        run_name = saved.get("run_name") or Path(metrics_path).resolve().parent.name
+    return plot_run(metrics_path, out_path, run_name=run_name)
 
 
 __all__ = [
