@@ -90,3 +90,23 @@ def test_workers_give_identical_batches_and_loss(tmp_path, shards, monkeypatch):
     assert keys[0] == keys[1] == keys[2]
     assert keys[0][:4] != keys[0][4:]  # epochs are shuffled differently
     assert len(metrics[0]) == 5 and metrics[0] == metrics[1] == metrics[2]
+
+
+def test_cpu_budget_never_oversubscribes():
+    from mcad_cache.runtime import resolve_cpu_budget
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # the issue-11 measurement: on 2 cores, 1 thread + 1 worker (6.0 s) beat torch's 2 threads + 2 workers (28.3 s)
+    assert resolve_cpu_budget(threads=0, workers=-1, device=cpu, cores=2) == (1, 1)
+    assert resolve_cpu_budget(threads=0, workers=-1, device=cpu, cores=1) == (1, 0)
+    assert resolve_cpu_budget(threads=0, workers=-1, device=cpu, cores=16) == (12, 4)
+    assert resolve_cpu_budget(threads=0, workers=-1, device=cuda, cores=16) == (4, 8)
+    for cores in range(1, 65):
+        for device in (cpu, cuda):
+            threads, workers = resolve_cpu_budget(threads=0, workers=-1, device=device, cores=cores)
+            assert threads >= 1 and workers >= 0 and threads + workers <= max(cores, 1 + workers), (cores, device)
+            assert threads + workers <= cores or cores == 1
+    # an explicit value is kept, the other takes what is left
+    assert resolve_cpu_budget(threads=0, workers=2, device=cpu, cores=8) == (6, 2)
+    assert resolve_cpu_budget(threads=3, workers=-1, device=cpu, cores=4) == (3, 1)
+    assert resolve_cpu_budget(threads=2, workers=5, device=cpu, cores=2) == (2, 5)  # both explicit: as asked
