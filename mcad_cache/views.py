@@ -126,7 +126,7 @@ def parse_augment(spec: str | dict[str, Any] | AugmentSpec | None) -> AugmentSpe
         raise ConfigError(f"--augment: expected a spec string or a JSON object, got {type(spec).__name__}")
     d = dict(spec)
     if d.pop("kind", "rrc") != "rrc":
-        raise ConfigError("--augment: only kind 'rrc' (RandomResizedCrop + flip) exists; e.g. " + _EXAMPLE)
+        raise ConfigError("--augment: only kind 'rrc' (RandomResizedCrop + flip) exists; e.g. " + EXAMPLE_SPEC)
     unknown = set(d) - {"scale", "ratio", "flip", "version"}
     if unknown:
         raise ConfigError(f"--augment: unknown key(s) {sorted(unknown)}; keys: scale, ratio, flip, version")
@@ -144,19 +144,19 @@ def parse_augment(spec: str | dict[str, Any] | AugmentSpec | None) -> AugmentSpe
     return AugmentSpec(**kwargs)
 
 
-_EXAMPLE = "rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1"
+EXAMPLE_SPEC = "rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1"
 
 
 def _parse_string(text: str) -> AugmentSpec:
     body, _, version = text.partition(";")
     kind, _, args = body.partition(":")
     if kind.strip() != "rrc":
-        raise ConfigError(f"--augment {text!r}: unknown kind {kind.strip()!r}; e.g. {_EXAMPLE}")
+        raise ConfigError(f"--augment {text!r}: unknown kind {kind.strip()!r}; e.g. {EXAMPLE_SPEC}")
     kwargs: dict[str, Any] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         name, eq, value = item.partition("=")
         if not eq or name not in ("scale", "ratio", "flip"):
-            raise ConfigError(f"--augment {text!r}: bad item {item!r}; keys: scale, ratio, flip; e.g. {_EXAMPLE}")
+            raise ConfigError(f"--augment {text!r}: bad item {item!r}; keys: scale, ratio, flip; e.g. {EXAMPLE_SPEC}")
         if name == "flip":
             try:
                 kwargs["flip"] = float(value)
@@ -268,11 +268,46 @@ def apply_view(image: Image.Image, params: np.ndarray | tuple[int, ...] | list[i
     return out
 
 
+VIEW_ARRAYS = ("image_emb_views", "view_params")  # the per-view arrays of a cache (cache.schema.array_specs)
+
+
+def views_summary(
+    record: dict[str, Any] | None, *, arrays: dict[str, dict[str, Any]], num_images: int
+) -> dict[str, Any]:
+    """The ``views`` entry of ``inspect``: V, the augment spec, the seed and the stored bytes of the view arrays.
+
+    Args:
+        record: the manifest's ``views`` entry (None: a cache without views).
+        arrays: ``describe_cache``'s per-array info (``stored_bytes`` of each array).
+        num_images: N_i.
+    Returns:
+        ``{}`` without views, else ``{"views": {"num_views", "augment", "seed", "single_stream_targets",
+        "stored_bytes", "bytes_per_view", "bytes_per_view_per_image"}}`` (bytes as stored, compressed).
+    """
+    if not record:
+        return {}
+    stored = sum(int(arrays.get(name, {}).get("stored_bytes", 0)) for name in VIEW_ARRAYS)
+    v = int(record["num_views"])
+    return {
+        "views": {
+            "num_views": v,
+            "augment": record.get("augment"),
+            "seed": record.get("seed"),
+            "single_stream_targets": record.get("single_stream_targets"),
+            "stored_bytes": stored,
+            "bytes_per_view": stored / v,
+            "bytes_per_view_per_image": stored / (v * max(1, num_images)),
+        }
+    }
+
+
 __all__ = [
     "MAX_TRIES",
     "NUM_VIEW_PARAMS",
     "SPEC_VERSION",
     "VIEW_PARAM_NAMES",
+    "EXAMPLE_SPEC",
+    "VIEW_ARRAYS",
     "AugmentSpec",
     "apply_view",
     "canonical_view",
@@ -280,4 +315,5 @@ __all__ = [
     "draw_views",
     "parse_augment",
     "view_rng",
+    "views_summary",
 ]
