@@ -61,6 +61,13 @@ def build(
     overwrite: Annotated[
         bool, typer.Option("--overwrite/--no-overwrite", help="replace a cache built differently")
     ] = B.overwrite,
+    views: Annotated[
+        int, typer.Option(help="image views stored per image (1 = canonical; > 1 needs --augment)")
+    ] = B.views,
+    augment: Annotated[
+        str, typer.Option(help="view spec, e.g. rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1")
+    ] = B.augment,
+    view_seed: Annotated[int, typer.Option(help="seed of the per-view crop / flip draws")] = B.view_seed,
     rank: Annotated[int, typer.Option(help="this process's index among --world-size build processes")] = B.rank,
     world_size: Annotated[int, typer.Option(help="build processes sharing one cache (disjoint units)")] = B.world_size,
     config: Annotated[str, typer.Option("--config", help="run.json with BuildConfig fields (flags win)")] = None,

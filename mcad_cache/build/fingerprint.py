@@ -12,6 +12,7 @@ from typing import Any, TypeGuard
 
 import torch
 
+from mcad_cache.build.views import check_views_config, views_record
 from mcad_cache.cache.schema import EMB_DTYPES, FUSED_DTYPES, SCHEMA_VERSION
 from mcad_cache.config import BuildConfig
 from mcad_cache.data import DecodePolicy
@@ -49,6 +50,7 @@ def check_config(config: BuildConfig) -> None:
         problems.append("topk_backend=faiss needs faiss-cpu: pip install 'mcad-cache[faiss]'")
     if not config.data:
         problems.append("no --data shards given")
+    check_views_config(config)  # issue 16: --views / --augment (raises ConfigError)
     if config.world_size < 1 or not 0 <= config.rank < config.world_size:
         problems.append(f"need 0 <= rank < world_size, got rank={config.rank}, world_size={config.world_size}")
     if problems:
@@ -131,6 +133,7 @@ def build_fingerprint(
         },
         "precision": precision,
         "data": {"shards": shard_records(shards, hashes)},  # content + path under the data root (data.identity)
+        **views_record(config),  # issue 16: V, augment spec, seed ({} without views: fingerprint unchanged)
     }
 
 

@@ -20,6 +20,7 @@ import torch
 import zarr
 
 from mcad_cache.build.fingerprint import fused_rows_per_chunk, supports_itm
+from mcad_cache.build.views import num_views, views_record
 from mcad_cache.cache.manifest import code_version, utc_now
 from mcad_cache.cache.schema import CacheLayout
 from mcad_cache.cache.writer import CacheWriter
@@ -146,6 +147,7 @@ def create_cache(
         fused_dtype=config.fused_dtype if teacher.kind == "single" else "none",
         rows_per_chunk=config.rows_per_chunk,
         fused_rows_per_chunk=fused_rows_per_chunk(config.rows_per_chunk),
+        num_views=num_views(config),
     )
     assert rows.report is not None
     report = rows.report.to_dict()
@@ -180,6 +182,7 @@ def create_cache(
             "precision": precision,
         },
         "started_at": utc_now(),
+        **views_record(config),  # issue 16: V, augment spec, seed (build/views.py)
     }
     writer = CacheWriter.create(out, layout=layout, manifest=manifest)
     text_keys = [f"{k}#{j}" for k, caps in zip(rows.keys, rows.captions, strict=True) for j in range(len(caps))]

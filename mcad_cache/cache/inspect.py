@@ -11,6 +11,7 @@ import zarr
 
 from mcad_cache.cache.reader import CacheReader
 from mcad_cache.cache.schema import BUILD_GROUP, array_specs
+from mcad_cache.views import views_summary
 
 
 def _nbytes(arr: zarr.Array) -> int:
@@ -67,6 +68,7 @@ def describe_cache(reader: CacheReader) -> dict[str, Any]:
         "stored_bytes": total,
         "bytes_per_sample": total / n,
         "stats": stats,
+        **views_summary(reader.manifest.get("views"), arrays=arrays, num_images=n),  # issue 16: V, spec, bytes
     }
 
 

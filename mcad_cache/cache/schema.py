@@ -47,6 +47,7 @@ class CacheLayout:
     fused_dtype: str = "fp16"  # fp16 | int8 (per-vector fp32 scale) | none
     rows_per_chunk: int = 1024  # rows per Zarr chunk and per build commit unit (fused arrays: see below)
     fused_rows_per_chunk: int = 4  # rows per chunk of the fused arrays (a training batch reads only its rows' chunks)
+    num_views: int = 0  # V stored augmented views per image (0 = none: canonical image_emb only; mcad_cache.views)
 
     def __post_init__(self) -> None:
         if self.kind not in ("dual", "single"):
@@ -77,11 +78,13 @@ class CacheLayout:
             "k": self.k,
             "itm_class": 2,
             "fused_dim": self.fused_dim,
+            "view": self.num_views,
+            "view_param": 5,  # x0, y0, w, h, flip (mcad_cache.views)
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (``from_dict`` inverts it)."""
-        return asdict(self)
+        """JSON-able dict (``from_dict`` inverts it); ``num_views`` only when views are stored."""
+        return {k: v for k, v in asdict(self).items() if k != "num_views" or self.num_views}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CacheLayout:
@@ -136,6 +139,11 @@ def array_specs(layout: CacheLayout) -> dict[str, ArraySpec]:
         ArraySpec("text_valid", ("text",), "bool", False, "True if the text's sample image is valid (row usable)"),
         ArraySpec("text_emb", ("text", "emb_dim"), emb, np.nan, "L2-normalised ITC text embedding"),
     ]
+    if layout.num_views:  # issue 16: per-view image embeddings and the view params they were computed from
+        specs += [
+            ArraySpec("image_emb_views", ("image", "view", "emb_dim"), emb, np.nan, "ITC embedding of each view"),
+            ArraySpec("view_params", ("image", "view", "view_param"), "int32", -1, "x0, y0, w, h (source px), flip"),
+        ]
     for d, q in (("i2t", "image"), ("t2i", "text")):
         specs += [
             ArraySpec(f"{d}_idx", (q, "k"), "int32", -1, f"{d} candidate rows, sorted by descending ITC sims"),

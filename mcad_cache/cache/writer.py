@@ -49,6 +49,7 @@ STAGES: dict[str, str] = {
     "itm_i2t": "image",  # pass 3 (single-stream): ITM logits and fused features for the image queries
     "itm_scratch": "image",  # pass 3a: t2i pair results grouped by image, in scratch files
     "itm_t2i": "text",  # pass 3b: t2i pair results gathered per text unit
+    "image_views": "image",  # pass 1v (layout.num_views > 0): per-view embeddings and params (build/views.py)
 }
 
 
@@ -123,6 +124,8 @@ class CacheWriter:
         build = group.create_group(BUILD_GROUP, attributes={"doc": "per-unit done markers of the cache build"})
         for stage, dim in STAGES.items():
             if stage.startswith("itm") and layout.kind != "single":
+                continue
+            if stage == "image_views" and not layout.num_views:  # issue 16
                 continue
             n = 1 if dim == "one" else num_units(layout.dim_sizes()[dim], layout.rows_per_chunk)
             build.create_array(
