@@ -76,6 +76,10 @@ def _print(desc: dict[str, Any]) -> None:
         ("stored bytes", _fmt_bytes(desc["stored_bytes"])),
         ("bytes per sample", _fmt_bytes(desc["bytes_per_sample"])),
     ]
+    if "views" in desc:  # issue 16
+        v = desc["views"]
+        per = f"{_fmt_bytes(v['bytes_per_view'])} per view ({_fmt_bytes(v['bytes_per_view_per_image'])} per image)"
+        rows.append(("views", f"V={v['num_views']} {v['augment']} seed {v['seed']}; {per}"))
     for k, v in rows:
         head.add_row(k, v)
     console.print(head, soft_wrap=True)

@@ -33,6 +33,7 @@ from mcad_cache.build.fingerprint import build_fingerprint, supports_itm
 from mcad_cache.build.itm import TokenScratch, pass_itm_images, pass_itm_texts, scratch_dir
 from mcad_cache.build.layout import MAX_SKIP_EXAMPLES, Rows, create_cache, rows_from_store, scan_rows
 from mcad_cache.build.units import ImageSource
+from mcad_cache.build.views import pass_view_embeddings, with_view_stage
 from mcad_cache.cache.manifest import utc_now
 from mcad_cache.cache.reader import CacheReader, open_cache
 from mcad_cache.cache.writer import STAGES, CacheWriter, is_cache_dir
@@ -232,6 +233,7 @@ def build_cache(
             sync=sync,
         )
         final_stages = tuple(s for s in STAGES if writer.layout.kind == "single" or not s.startswith("itm"))
+        final_stages = with_view_stage(final_stages, writer.layout)  # issue 16: image_views only with views
         sync.wait(writer, final_stages, after="the last pass")
         if rank != 0:
             _logger.info("rank %d of %d: all its units are committed; rank 0 finalizes", rank, world)
@@ -285,6 +287,19 @@ def _run_passes(
     )
     sync.wait(writer, ("image_emb",), after="pass 1 (image embeddings)")
     timer.add("pass1_images", t0)
+    if writer.layout.num_views:  # issue 16: pass 1v, V augmented views per image (build/views.py)
+        t0 = time.perf_counter()
+        pass_view_embeddings(
+            writer,
+            teacher,
+            images=images,
+            batch_size=config.batch_size,
+            device=device,
+            precision=precision,
+            rank=rank,
+            world_size=world,
+        )
+        timer.add("pass1v_views", t0)
     t0 = time.perf_counter()
     pass_text_embeddings(
         writer,
