@@ -43,7 +43,7 @@ from mcad_cache.distill.step import step_generator
 from mcad_cache.distill.stream import EpochStream
 from mcad_cache.errors import CacheSchemaError, ConfigError
 from mcad_cache.losses import PRESETS, LossConfig, MCADLoss, preset
-from mcad_cache.runtime import resolve_cpu_budget, resolve_device, resolve_precision
+from mcad_cache.runtime import available_cores, resolve_cpu_budget, resolve_device, resolve_precision
 from mcad_cache.schedules import create_warmup_cosine
 from mcad_cache.student import DualEncoder, create_student
 
@@ -147,6 +147,19 @@ def _check_config(config: DistillConfig, loss_config: LossConfig) -> None:
         raise ConfigError(f"--bank-refresh-every must be >= 0 (0 = never), got {config.bank_refresh_every}")
 
 
+def cpu_budget(config: DistillConfig, *, device: torch.device, world_size: int) -> tuple[int, int]:
+    """``(torch threads, DataLoader workers)`` for this process: ``runtime.resolve_cpu_budget`` over this rank's share
+    of the cores (ranks on one machine: ``world_size`` on a CPU, at most one per visible GPU on CUDA). Auto threads
+    never exceed torch's current setting, which a launcher's ``OMP_NUM_THREADS`` (torchrun sets 1) or a test's
+    ``torch.set_num_threads`` already lowered."""
+    local_ranks = min(world_size, max(1, torch.cuda.device_count())) if device.type == "cuda" else world_size
+    cores = max(1, available_cores() // max(1, local_ranks))
+    threads, workers = resolve_cpu_budget(threads=config.threads, workers=config.workers, device=device, cores=cores)
+    if config.threads <= 0:
+        threads = max(1, min(threads, torch.get_num_threads()))
+    return threads, workers
+
+
 def create_bank_candidates(
     config: DistillConfig,
     *,
@@ -212,7 +225,7 @@ def create_distill(
     _check_config(config, loss_config)
     shards = expand_shards(config.data)
     device = resolve_device(config.device)
-    threads, workers = resolve_cpu_budget(threads=config.threads, workers=config.workers, device=device)
+    threads, workers = cpu_budget(config, device=device, world_size=world_size)
     torch.set_num_threads(threads)
     try:
         resolve_precision(config.precision, device)
@@ -297,4 +310,4 @@ def _no_transform(image: Any) -> Any:
     return image
 
 
-__all__ = ["DistillRun", "create_bank_candidates", "create_distill", "create_loss_module"]
+__all__ = ["DistillRun", "cpu_budget", "create_bank_candidates", "create_distill", "create_loss_module"]
