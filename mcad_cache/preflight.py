@@ -45,6 +45,9 @@ def check_writable_file(path: str | os.PathLike[str], *, option: str) -> Path:
         OutputPathError: names the option, the path and the fix.
     """
     p = Path(path)
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputPathError(f"{option} {p}: {parent} is a file, not a folder; choose another {option}")
     check_writable_dir(p.parent, option=option)
     if p.is_dir():
         raise OutputPathError(f"{option} {p}: is a folder, a file path is needed")

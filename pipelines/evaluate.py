@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from mcad_cache.cache import check_cache, open_cache
 from mcad_cache.config import EvalConfig, config_to_dict
 from mcad_cache.data.transforms import make_image_transform
+from mcad_cache.data.truncation import token_lengths, truncation_stats
 from mcad_cache.data.webdataset import SampleDataset, collate_samples, expand_shards
 from mcad_cache.distill import check_cache_data
 from mcad_cache.distill import rundir as rd
@@ -83,6 +84,21 @@ def _default_out(config: EvalConfig, kind: str, folder: Path | None) -> Path:
 def _batches(shards: list[str], model: Any, config: EvalConfig) -> DataLoader:
     dataset = SampleDataset(shards, image_transform=make_image_transform(model.preprocess_cfg))
     return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_samples)
+
+
+def _truncation(model: Any, captions: list[str]) -> dict[str, Any]:
+    """The evaluated model's truncation counts over the test captions (``data.truncation``); logged when any is cut."""
+    context = int(model.tokenizer_cfg.get("context_length") or 0)
+    lengths = token_lengths(getattr(model, "tokenizer", None), captions) if context > 0 else None
+    if lengths is None:
+        return {}
+    stats = truncation_stats(lengths, context_length=context)
+    if stats["num_truncated"]:
+        _logger.warning(
+            "%d of %d test captions (%.1f%%) are longer than the model's context of %d tokens and are cut",
+            stats["num_truncated"], stats["num_captions"], 100 * stats["share_truncated"], context,
+        )  # fmt: skip
+    return stats
 
 
 def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progress) -> dict[str, Any]:
@@ -143,6 +159,7 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
         rs = encode_retrieval_set(
             model, progress((b for b in _batches(shards, model, config)), "encode", None), precision=config.precision
         )
+        extra["truncation"] = _truncation(model, rs.captions)
         if kind == "teacher" and model.kind == "single":
             result = evaluate_single_stream(
                 model, rs, (b for b in _batches(shards, model, config)), k_test=config.k_test, score=config.itm_score,

@@ -16,6 +16,7 @@ from mcad_cache.data import importers
 from mcad_cache.data.importers import get_importer, list_importers, register_importer
 from mcad_cache.errors import (
     ConfigError,
+    DataSourceError,
     InputPathError,
     McadError,
     OutputPathError,
@@ -83,8 +84,9 @@ def test_registered_importer_is_used_by_the_pipeline(tmp_path, monkeypatch):
         calls.append((root, annotations, seed))
         return []
 
-    report = data_import.run(ImportConfig(source="test-empty", out=str(tmp_path / "out"), root="r", seed=3))
-    assert calls == [("r", "", 3)] and report["num_kept"] == 0 and (tmp_path / "out" / "index.json").is_file()
+    with pytest.raises(DataSourceError, match="the annotations hold no entries"):  # issue 13: no silent success
+        data_import.run(ImportConfig(source="test-empty", out=str(tmp_path / "out"), root="r", seed=3))
+    assert calls == [("r", "", 3)] and (tmp_path / "out" / "index.json").is_file()
 
 
 def test_import_user_mistakes_are_mcad_errors(tmp_path):
