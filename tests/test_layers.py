@@ -88,8 +88,23 @@ def _imports(path: Path, *, module_level_only: bool = False) -> set[str]:
 ALL_MODULES = {_module_name(p) for folder in FOLDERS for p in _files(folder)}
 
 
+API_FACADE = ROOT / "mcad_cache" / "api.py"  # the Python API: calls pipelines, only inside its functions
+
+
 def _library_files() -> list[Path]:
-    return [p for p in _files("mcad_cache") if "demo" not in p.relative_to(ROOT / "mcad_cache").parts[:1]]
+    return [
+        p
+        for p in _files("mcad_cache")
+        if "demo" not in p.relative_to(ROOT / "mcad_cache").parts[:1] and p != API_FACADE
+    ]
+
+
+def test_api_facade_imports_pipelines_only_inside_functions_and_nothing_imports_it():
+    """mcad_cache/api.py (the Python API, like zarr's api/synchronous.py over its core) may call pipelines, never
+    at import time; no library module imports the facade (mcad_cache/__init__.py reaches it lazily by name)."""
+    assert not any(n.startswith("mcad_cache.pipelines") for n in _imports(API_FACADE, module_level_only=True))
+    assert any(n.startswith("mcad_cache.pipelines") for n in _imports(API_FACADE))
+    assert _bad(_library_files(), ("mcad_cache.api",)) == []
 
 
 def _bad(files: list[Path], forbidden: tuple[str, ...], *, allowed: tuple[str, ...] = ()) -> list[tuple[str, str]]:
