@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from mcad_cache.cli.app import app, call_pipeline, console
+from mcad_cache.cli.options import FORMAT_HELP, Format, print_json, render_rows, stdout
 from mcad_cache.pipelines import build_cache
 
 
@@ -24,24 +25,32 @@ def _fmt_bytes(n: float) -> str:
 def inspect(
     cache: Annotated[str, typer.Argument(help="cache directory (Zarr v3 store)")],
     check: Annotated[bool, typer.Option("--check", help="verify the cache; exit 1 on any problem")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the description (and problems) as JSON")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help=FORMAT_HELP + "; csv/md: one row per array")] = Format.table,
+    json_out: Annotated[bool, typer.Option("--json", help="same as --format json (kept for old scripts)")] = False,
 ) -> None:
     """Show a cache's manifest, array shapes and dtypes, bytes per sample, value statistics and skip counts.
 
     With --check, verify finiteness, id ranges, validity masks, key uniqueness and maps; exit 1 on any problem.
     """
     desc, problems = call_pipeline(build_cache.inspect, cache, check=check)
-    if json_out:
-        typer.echo(json.dumps({**desc, "problems": problems}, indent=2, default=str))
-    else:
+    if json_out or fmt is Format.json:
+        print_json({**desc, "problems": problems})
+    elif fmt is Format.table:
         _print(desc)
-        if problems is not None:
-            if problems:
-                console.print(f"[red]check: {len(problems)} problem(s)[/red]")
-                for line in problems:
-                    console.print(f"  - {line}", highlight=False, soft_wrap=True)
-            else:
-                console.print("[green]check: OK[/green]")
+    else:
+        rows = [
+            {"name": name, "dims": ",".join(a["dims"]), "shape": "x".join(map(str, a["shape"])), "dtype": a["dtype"],
+             "chunks": "x".join(map(str, a["chunks"])), "stored_bytes": a["stored_bytes"]}
+            for name, a in desc["arrays"].items()
+        ]  # fmt: skip
+        render_rows(rows, ("name", "dims", "shape", "dtype", "chunks", "stored_bytes"), fmt)
+    if problems is not None and not (json_out or fmt is Format.json):
+        if problems:
+            console.print(f"[red]check: {len(problems)} problem(s)[/red]")
+            for line in problems:
+                console.print(f"  - {line}", highlight=False, soft_wrap=True)
+        else:
+            console.print("[green]check: OK[/green]")
     if problems:
         raise typer.Exit(code=1)
 
@@ -82,7 +91,7 @@ def _print(desc: dict[str, Any]) -> None:
         rows.append(("views", f"V={v['num_views']} {v['augment']} seed {v['seed']}; {per}"))
     for k, v in rows:
         head.add_row(k, v)
-    console.print(head, soft_wrap=True)
+    stdout.print(head, soft_wrap=True)
     arrays = Table(title="arrays")
     for col in ("name", "dims", "shape", "dtype", "chunks", "stored"):
         arrays.add_column(col)
@@ -95,7 +104,7 @@ def _print(desc: dict[str, Any]) -> None:
             str(tuple(a["chunks"])),
             _fmt_bytes(a["stored_bytes"]),
         )
-    console.print(arrays)
+    stdout.print(arrays)
     stats = Table(title="statistics (valid rows)")
     stats.add_column("name")
     stats.add_column("value")
@@ -106,7 +115,7 @@ def _print(desc: dict[str, Any]) -> None:
             else (f"{v:.4f}" if isinstance(v, float) else str(v))
         )
         stats.add_row(k, text)
-    console.print(stats)
+    stdout.print(stats)
     skips = m.get("skips", {})
     table = Table(title=f"skipped samples: {skips.get('num_skipped', 0)}")
     table.add_column("reason")
@@ -117,4 +126,4 @@ def _print(desc: dict[str, Any]) -> None:
         examples.setdefault(reason, []).append(f"{shard}:{key}")
     for reason, n in sorted(skips.get("counts", {}).items()):
         table.add_row(reason, str(n), ", ".join(examples.get(reason, [])[:3]))
-    console.print(table)
+    stdout.print(table)
