@@ -119,6 +119,14 @@ def distill(
     run_name: Annotated[
         str, typer.Option(metavar="NAME", help="name in plots and trackers (default: --out's name)")
     ] = (D.run_name),
+    augment: Annotated[
+        str,
+        typer.Option(metavar="SPEC", help='views: "" = replay the cache\'s stored views, none, or a spec it must hold'),
+    ] = D.augment,
+    allow_aug_mismatch: Annotated[
+        bool,
+        typer.Option("--allow-aug-mismatch/--no-allow-aug-mismatch", help="train on views the cache lacks (warned)"),
+    ] = D.allow_aug_mismatch,
     loss: Annotated[
         str, typer.Option(metavar="JSON", help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")
     ] = None,

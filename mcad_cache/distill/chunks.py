@@ -109,6 +109,8 @@ class ChunkDataset(IterableDataset):
         self.policy = policy or DecodePolicy()
         self.chunks = plan_chunks(self.shards, chunk_size=chunk_size)[rank::world_size]
         self.key_owner = first_owner_of_keys(self.shards)
+        self.view_replay: Callable[..., Any] | None = None  # issue 16: distill.views.ViewReplay (crop / flip by key)
+        self.epoch = 0  # the epoch being read (set by the stream; picks the replayed view)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -124,6 +126,8 @@ class ChunkDataset(IterableDataset):
         out = []
         for s in iter_shard_samples(part, policy=self.policy, key_owner=self.key_owner):
             image = s.image
+            if image is not None and self.view_replay is not None:  # issue 16: the stored view, before the transform
+                image = self.view_replay(s.key, image, epoch=self.epoch)
             if image is not None and self.image_transform is not None:
                 image = self.image_transform(image)
             out.append({"key": s.key, "shard": s.shard, "image": image, "captions": s.captions, "skip": s.skip,

@@ -46,6 +46,7 @@ from mcad_cache.data.decode import DecodePolicy, decode_image
 from mcad_cache.data.identity import shard_records, shard_records_diff
 from mcad_cache.data.index import ShardIndex
 from mcad_cache.distill.batch import DistillBatch
+from mcad_cache.distill.views import ViewTargets
 from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
 from mcad_cache.integrate.derived import DerivedReader, is_derived, open_derived
 from mcad_cache.integrate.parents import check_caches_match, parents_diff
@@ -191,6 +192,7 @@ class TargetJoiner:
             raise ValueError("t2i top-k distillation needs candidate_images (keys -> images)")
         self.candidate_images = candidate_images
         self.tokenize = tokenize
+        self.views: ViewTargets | None = None  # issue 16: targets of replayed views (distill.views.attach_views)
         if clip is not None and single is not None:
             check_caches_match(clip, single)
 
@@ -260,6 +262,8 @@ class TargetJoiner:
         if self.clip is not None:
             clip_img_rows, clip_txt_rows = rows["clip"]
             t.clip_image_emb = _t(self.clip.image_emb(clip_img_rows))
+            if self.views is not None:  # issue 16: the cached embedding of the view the student was given
+                t.clip_image_emb = self.views.image_emb(clip_img_rows, keys, epoch=int(batch["epoch"]))
             t.clip_text_emb = _t(self.clip.text_emb(clip_txt_rows))
             t.clip_logit_scale = float(self.clip.logit_scale)
             for name, value in (("clip_image_emb", t.clip_image_emb), ("clip_text_emb", t.clip_text_emb)):

@@ -68,6 +68,7 @@ class EpochStream:
 
     def __call__(self, epoch: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(self.seed * 7919 + epoch)
+        self.dataset.epoch = epoch  # issue 16: replayed views are chosen per (seed, epoch, key)
         buffer: list[dict[str, Any]] = []
         batch: list[dict[str, Any]] = []
 
@@ -75,6 +76,7 @@ class EpochStream:
             batch.append(item)
             if len(batch) == self.batch_size:
                 out = collate_samples(batch)
+                out["epoch"] = epoch  # issue 16: the join takes the targets of the views chosen for this epoch
                 batch.clear()
                 yield out
 
