@@ -41,6 +41,7 @@ from mcad_cache.distill.join import CandidateImages, TargetJoiner, open_caches
 from mcad_cache.distill.optim import create_optimizer
 from mcad_cache.distill.step import step_generator
 from mcad_cache.distill.stream import EpochStream
+from mcad_cache.distill.views import attach_views
 from mcad_cache.errors import CacheSchemaError, ConfigError
 from mcad_cache.losses import PRESETS, LossConfig, MCADLoss, preset
 from mcad_cache.runtime import available_cores, resolve_cpu_budget, resolve_device, resolve_precision
@@ -278,6 +279,7 @@ def create_distill(
         tokenize=tokenize,
     )  # fmt: skip
     stream.dataset.image_transform = transform
+    resolved |= attach_views(config, stream=stream, joiner=joiner, clip=clip)  # issue 16: replay stored views
     bank = None
     if bank_mode and joiner.directions:
         bank = create_bank_candidates(
