@@ -29,7 +29,7 @@ class LossConfig:
     w_kd_t2i: float = 0.5  # in-batch KD, caption queries. Our choice (see w_kd_i2t)
     w_topk_i2t: float = 0.5  # top-k KD over each image's K cached candidate captions. Our choice
     w_topk_t2i: float = 0.5  # top-k KD over each caption's K cached candidate images. Our choice
-    w_feat: float = 1.0  # feature alignment, mean of image and text sides (paper: features help; weight ours)
+    w_feat: float = 16.0  # feature alignment (paper: features help). Measured: its student gradient ~ one KD term's
     w_integration: float = 1.0  # objective that trains the modified-features module (ours; see docs/losses.md)
     # ---- KD temperatures (applied to both teacher and student logits, loss scaled by τ²) ----
     kd_temperature: float = 1.0  # in-batch τ. Our choice: 1 = each model's own logit scale (CLIP-KD, Yang et al. 2024)
@@ -46,7 +46,7 @@ class LossConfig:
     w_fusion_itm: float = 1.0  # w_A (single-stream ITM) in logit fusion / mixture (our choice)
     w_fusion_ss: float = 0.0  # weight of the single-stream ITC cosines in fusion / mixture (our choice: off)
     # ---- feature alignment ----
-    feat_kind: str = "cosine"  # cosine (1 - cos) | mse (F.mse_loss, element mean). Our choice; CLIP-KD uses MSE
+    feat_kind: str = "mse"  # mse: ‖ŝ − t̂‖² of L2-normalised features = 2(1 − cos) (CLIP-KD's form) | cosine: 1 − cos
     feat_source: str = "emb"  # student side: emb (projected embedding, as CLIP-KD's FD) | feat (pre-projection)
     # ---- modified-features integration module (ours: the paper's module is not public) ----
     gate_init: float = 0.01  # initial gate g = max_gate * tanh(a); near 0 so the start is plain CLIP (Flamingo-like)

@@ -39,6 +39,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "student_config.json"
 TOKENIZER_DIR = "tokenizer"
 TEXT_POOLS = ("cls", "mean")
+BN_STATS = ("auto", "frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class StudentConfig:
     image_mean: tuple[float, float, float] | None = None  # None = timm's resolved data config (never another model's)
     image_std: tuple[float, float, float] | None = None  # None = timm's resolved data config
     channels_last: bool = False  # run the image tower in channels_last memory format (faster convs on CPU/GPU)
+    bn_stats: str = "auto"  # image-tower BatchNorm running stats in train(): frozen | train | auto (pretrained: frozen)
     # --- text tower (transformers) ---
     text_model: str = ""  # local folder or hub name for AutoModel; "" = build from text_config
     text_pretrained: bool = True  # with text_model set: load its weights (False = its config, random init)
@@ -96,6 +98,8 @@ class StudentConfig:
         """Raises:
         ValueError: a value outside its documented range.
         """
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
         if self.resize_mode not in ("shortest", "squash", "longest"):
@@ -197,6 +201,22 @@ class DualEncoder(nn.Module):
             self.image_tower.to(memory_format=torch.channels_last)
         self._tokenizer: Any = None
         self._preprocess_cfg = self._resolve_preprocess_cfg()
+        # BatchNorm running statistics of the image tower: frozen by default for a pretrained tower, so every loss
+        # preset's tower normalises with the same statistics (MCAD's candidate images would otherwise shift them;
+        # issue 10). A randomly initialised tower has no statistics worth keeping: auto trains them.
+        self.freeze_bn_stats = config.bn_stats == "frozen" or (
+            config.bn_stats == "auto" and bool(config.image_pretrained) and load_weights
+        )
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """``nn.Module.train``; with ``freeze_bn_stats`` the image tower's BatchNorm layers stay in eval mode (running
+        mean / var neither used from the batch nor updated; their affine weights still train)."""
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for module in self.image_tower.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     # ------------------------------------------------------------------ preprocessing and tokenizer
     def _resolve_preprocess_cfg(self) -> dict[str, Any]:
@@ -362,8 +382,9 @@ class DualEncoder(nn.Module):
         for key in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
             text_config.pop(key, None)
         return dataclasses.replace(
-            self.config, image_pretrained="", text_model="", text_model_kwargs={}, text_config=text_config
-        )
+            self.config, image_pretrained="", text_model="", text_model_kwargs={}, text_config=text_config,
+            bn_stats="frozen" if self.freeze_bn_stats else "train",  # the resolved choice survives the reload
+        )  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Write ``path/model.safetensors``, ``path/student_config.json`` and ``path/tokenizer/`` (when loadable).
