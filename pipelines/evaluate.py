@@ -72,13 +72,14 @@ def resolve_model_kind(config: EvalConfig) -> tuple[str, Path | None]:
     )
 
 
-def _default_out(config: EvalConfig, kind: str, folder: Path | None) -> Path:
+def _default_out(config: EvalConfig, kind: str, folder: Path | None, shards: list[str]) -> Path:
+    """``--out``, else a file named by model, weights and data fingerprint (``rundir.eval_result_path``)."""
     if config.out:
         return Path(config.out)
-    if kind == "student" and folder is not None:
-        return rd.run_dir_of(folder) / EVAL_FILE
-    name = Path(config.model).name or config.teacher
-    return Path(".work/eval") / f"{config.teacher or kind}-{name}.json"
+    return rd.eval_result_path(
+        kind=kind, model=config.model, teacher=config.teacher, pretrained=config.pretrained, shards=shards,
+        student_folder=folder,
+    )  # fmt: skip
 
 
 def _batches(shards: list[str], model: Any, config: EvalConfig) -> DataLoader:
@@ -124,7 +125,7 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
     except ValueError as err:
         raise DataSourceError(f"--data: {err}; check the test shard paths") from err
     kind, folder = resolve_model_kind(config)
-    out_path = _default_out(config, kind, folder)
+    out_path = _default_out(config, kind, folder, shards)
     check_writable_file(out_path, option="--out")  # before any metric is computed
     if kind == "teacher" and config.pretrained and looks_like_path(config.pretrained):
         check_input_file(config.pretrained, option="--pretrained", allow_dir=True)
@@ -189,6 +190,8 @@ def run(config: EvalConfig, *, progress: Callable[..., Iterable[Any]] = no_progr
     )  # fmt: skip
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
+    if kind == "student" and not config.out and folder is not None:  # RUN/eval.json: the latest, for `compare RUN`
+        (rd.run_dir_of(folder) / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
