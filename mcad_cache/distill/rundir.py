@@ -11,12 +11,16 @@ Layout (``DistillConfig.out``)::
     final/              the student (model.safetensors, student_config.json, tokenizer/) + loss.safetensors
     summary.json        steps, samples, time, final losses, caches used, skip counts
 
+    eval/               eval results, one file per (student folder, test set): eval_result_path; eval.json = latest
+
 ``distill`` writes it; ``eval`` reads it through :func:`find_student` and :func:`read_summary`.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from torch import nn
 
 from mcad_cache.distill.checkpoint import LOSS_FILE
 from mcad_cache.errors import CheckpointError
+from mcad_cache.hashing import json_sha256
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -122,6 +127,52 @@ def run_dir_of(student_folder: str | Path) -> Path:
     return folder.parent if folder.name == FINAL_DIR else folder
 
 
+EVAL_DIR = "eval"  # RUN/eval/<student folder>-<data fingerprint>.json: one file per (weights, test set)
+EVAL_ROOT = Path(".work/eval")  # teachers' and caches' results when no --out is given
+
+
+def data_fingerprint(shards: Sequence[str]) -> str:
+    """12 hex digits of sha256 over the sorted (resolved path, size in bytes) of each shard (size -1 for a stream
+    URL): two test sets never share it, and re-evaluating the same set gives the same name."""
+    items = []
+    for s in shards:
+        p = Path(s)
+        items.append([str(p.resolve()) if p.exists() else s, p.stat().st_size if p.is_file() else -1])
+    return json_sha256(sorted(items))[:12]
+
+
+def _slug(text: str) -> str:
+    name = Path(text.rstrip("/")).name or text
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "default"
+
+
+def eval_result_path(
+    *, kind: str, model: str, teacher: str, pretrained: str, shards: Sequence[str], student_folder: Path | None
+) -> Path:
+    """Where ``eval`` writes its results when no ``--out`` is given: named by model, weights and data fingerprint,
+    so a result never overwrites another's (re-running the same evaluation rewrites its own file).
+
+    - student: ``RUN/eval/<final|best|folder>-<data fp>.json`` (beside the run it belongs to);
+    - teacher: ``.work/eval/<teacher>-<model>-<weights>-<sha8 of model and weights>-<data fp>.json``;
+    - cache: ``.work/eval/cache-<name>-<sha8 of its resolved path>-<data fp>.json``.
+    """
+    data_fp = data_fingerprint(shards)
+    if kind == "student" and student_folder is not None:
+        folder = Path(student_folder)
+        return run_dir_of(folder) / EVAL_DIR / f"{_slug(folder.name)}-{data_fp}.json"
+
+    def ident(x: str) -> str:
+        return str(Path(x).resolve()) if x and Path(x).exists() else x
+
+    if kind == "teacher":
+        weights_fp = json_sha256([teacher, ident(model), ident(pretrained)])[:8]
+        return (
+            EVAL_ROOT
+            / f"{teacher}-{_slug(model or 'default')}-{_slug(pretrained or 'default')}-{weights_fp}-{data_fp}.json"
+        )
+    return EVAL_ROOT / f"cache-{_slug(model)}-{json_sha256([ident(model)])[:8]}-{data_fp}.json"
+
+
 def plot_curves(metrics_path: str | Path, out_path: str | Path, *, run_name: str | None = None) -> Path | None:
     """Draw metrics.jsonl into a PNG (``distill.plots.plot_run``: panels per loss group, log scale where terms
     differ by orders of magnitude, grad norms, logit scale, throughput, val recall). ``run_name`` defaults to
@@ -138,6 +189,8 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, *, run_name: str
 __all__ = [
     "CONFIG_FILE",
     "CURVES_FILE",
+    "EVAL_DIR",
+    "EVAL_ROOT",
     "FINAL_DIR",
     "METRICS_FILE",
     "RESUME_FREE_FIELDS",
@@ -145,6 +198,8 @@ __all__ = [
     "SUMMARY_FILE",
     "append_metrics",
     "check_resume_config",
+    "data_fingerprint",
+    "eval_result_path",
     "find_student",
     "plot_curves",
     "read_summary",
