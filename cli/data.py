@@ -8,42 +8,43 @@ import typer
 from rich.table import Table
 
 from mcad_cache.cli.app import call_pipeline, console, data_app, progress, setup_logging
+from mcad_cache.cli.options import IMPORTER, choice, explicit_flags, stdout
 from mcad_cache.config import ImportConfig, load_config
 from mcad_cache.demo import openclipart  # noqa: F401  (the demo app's importer: registers --source openclipart)
 from mcad_cache.pipelines import data_import
 from mcad_cache.pipelines import verify as verify_pipeline
 
+IMP = ImportConfig()  # defaults shown in --help; a --config file overrides them, typed flags override both
+
 
 @data_app.command("import")
 def import_(
-    source: Annotated[str, typer.Option(help=f"importer: {' | '.join(data_import.list_importers())}")] = None,
-    out: Annotated[str, typer.Option(help="output folder (OUT/<split>/shard-*.tar, index.json, report)")] = None,
-    root: Annotated[str, typer.Option(help="openclipart data folder (fetched if absent) or image root")] = None,
-    annotations: Annotated[str, typer.Option(help="karpathy dataset_*.json or folder captions .jsonl/.csv")] = None,
-    samples_per_shard: Annotated[int, typer.Option(help="samples per tar")] = None,
-    max_samples: Annotated[int, typer.Option(help="0 = all; else the first N in the importer's order")] = None,
-    image_size_px: Annotated[int, typer.Option(help="longest side after re-encoding (0 = keep original bytes)")] = None,
-    seed: Annotated[int, typer.Option(help="split seed (openclipart)")] = None,
-    workers: Annotated[int, typer.Option(help="image re-encoding processes (1 = none)")] = None,
-    config: Annotated[str, typer.Option("--config", help="run.json with ImportConfig fields")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ctx: typer.Context,
+    source: Annotated[str, choice(IMPORTER, "importer (mcad-cache list importers)")] = IMP.source,
+    out: Annotated[str, typer.Option(metavar="DIR", help="output folder (OUT/<split>/shard-*.tar, index.json)")] = (
+        IMP.out
+    ),
+    root: Annotated[str, typer.Option(metavar="DIR", help="openclipart data folder or image root")] = IMP.root,
+    annotations: Annotated[
+        str, typer.Option(metavar="FILE", help="karpathy dataset_*.json or folder captions .jsonl/.csv")
+    ] = IMP.annotations,
+    samples_per_shard: Annotated[int, typer.Option(metavar="N", help="samples per tar")] = IMP.samples_per_shard,
+    max_samples: Annotated[
+        int, typer.Option(metavar="N", help="0 = all; else the first N in the importer's order")
+    ] = IMP.max_samples,
+    image_size_px: Annotated[
+        int, typer.Option(metavar="PX", help="longest side after re-encoding (0 = keep original bytes)")
+    ] = IMP.image_size_px,
+    seed: Annotated[int, typer.Option(metavar="N", help="split seed (openclipart)")] = IMP.seed,
+    workers: Annotated[int, typer.Option(metavar="N", help="image re-encoding processes (1 = none)")] = IMP.workers,
+    config: Annotated[
+        str, typer.Option("--config", metavar="FILE", help="JSON with ImportConfig fields (flags win)")
+    ] = (None),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")] = False,
 ) -> None:
     """Import captioned images into WebDataset shards with an index and a report of what was dropped and why."""
     setup_logging(verbose)
-    cfg = call_pipeline(
-        load_config,
-        ImportConfig,
-        config,
-        source=source,
-        out=out,
-        root=root,
-        annotations=annotations,
-        samples_per_shard=samples_per_shard,
-        max_samples=max_samples,
-        image_size_px=image_size_px,
-        seed=seed,
-        workers=workers,
-    )
+    cfg = call_pipeline(load_config, ImportConfig, config, **explicit_flags(ctx))
     report = call_pipeline(data_import.run, cfg, progress=progress)
     table = Table(title=f"import {cfg.source} -> {cfg.out} ({report['time_s']} s)")
     table.add_column("what")
@@ -53,7 +54,7 @@ def import_(
         table.add_row(f"kept: {split}", str(n))
     for reason, n in report["dropped"].items():
         table.add_row(f"dropped: {reason}", str(n))
-    console.print(table)
+    stdout.print(table)
 
 
 @data_app.command("verify")
@@ -84,7 +85,7 @@ def verify(
     truncated = [s for s in d["shards"] if s["truncated"]]
     for s in truncated:
         table.add_row(f"[red]truncated {s['path']}[/red] (last good key {s['last_good_key']!r})", "")
-    console.print(table)
+    stdout.print(table)
     for kind, listed in d["problems"].items():
         for p in listed[:5]:
             console.print(f"  {kind}: {p['shard']} key {p['key']!r}: {p['detail']}", highlight=False, soft_wrap=True)
