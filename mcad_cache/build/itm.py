@@ -11,7 +11,7 @@ therefore runs ``image_tokens`` + ``encode_image_from_tokens`` and hands the tok
 keeps them per batch slot under ``build/scratch/tokens/`` (one safetensors file per slot, written atomically), and
 pass 3a scores a unit from them instead of decoding its images and running the tower again. The scratch is
 **bounded**: a unit is kept only if it fits in ``max_bytes`` (default :data:`TOKEN_SCRATCH_MAX_BYTES`, 8 GiB: about
-9,000 ALBEF-base images at 577 x 768 float32 tokens, 3.5 MB each, fp32 so that reuse gives bit-identical ITM logits);
+4,800 ALBEF-base images at 577 x 768 float32 tokens, 1.77 MB each, fp32 so that reuse gives bit-identical ITM logits);
 the units that do not fit are recomputed as before. It is **resume-safe**: pass 1 clears a unit's token files before
 writing them again, pass 3a uses a unit's tokens only when every batch slot of the unit has its file (otherwise it
 recomputes the unit), and deletes them once the unit is committed; the whole scratch folder is deleted when the
