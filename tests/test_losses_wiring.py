@@ -141,3 +141,22 @@ def test_batchnorm_running_stats_frozen_by_option():
         assert moved is changes, bn_stats
         assert model.saved_config().bn_stats == bn_stats  # the resolved choice is recorded in checkpoints
     assert not create_student("tiny").freeze_bn_stats  # auto: a randomly initialised tower trains its statistics
+
+
+def test_student_view_must_match_the_teachers_view():
+    # item 5: teachers squash-resize; a student with shortest-side resize + centre crop sees other pixels
+    from types import SimpleNamespace
+
+    from mcad_cache.distill.join import check_student_view
+    from mcad_cache.errors import CacheMismatchError
+
+    teacher = SimpleNamespace(path="clip.zarr", fingerprint={"preprocess": {"image_size": 224, "resize_mode": "squash",
+                                                                             "crop": None}})  # fmt: skip
+    crop_student = create_student("tiny").preprocess_cfg
+    assert crop_student["resize_mode"] == "shortest" and crop_student["crop"] == "center"
+    with pytest.raises(CacheMismatchError, match="resize_mode: the teacher of clip.zarr saw 'squash'"):
+        check_student_view([teacher, None], crop_student)
+    lines = check_student_view([teacher], crop_student, allow_mismatch=True)  # warned and returned for the record
+    assert len(lines) == 2
+    squash_student = create_student("tiny", resize_mode="squash").preprocess_cfg  # another resolution is the same view
+    assert squash_student["image_size"] != 224 and check_student_view([teacher], squash_student) == []

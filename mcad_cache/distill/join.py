@@ -49,7 +49,7 @@ from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.distill.views import ViewTargets
 from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
 from mcad_cache.integrate.derived import DerivedReader, is_derived, open_derived
-from mcad_cache.integrate.parents import check_caches_match, parents_diff
+from mcad_cache.integrate.parents import VIEW_FIELDS, check_caches_match, parents_diff, teacher_view
 from mcad_cache.losses import LossConfig, TeacherTargets, duplicate_positives
 
 # TeacherTargets fields a derived cache serves (everything else comes from teacher caches)
@@ -417,6 +417,46 @@ def open_caches(
     return clip, single
 
 
+def check_student_view(
+    readers: Iterable[Any], student_preprocess: Mapping[str, Any], *, allow_mismatch: bool = False
+) -> list[str]:
+    """The student must see the image view its teachers saw (resize mode and crop; the resolution may differ):
+    cached KD targets describe the teacher's pixels.
+
+    Args:
+        readers: the run's caches (teacher caches record ``fingerprint.preprocess``; a derived cache its ``view``).
+            A cache that records no view is skipped.
+        student_preprocess: the student's ``preprocess_cfg``.
+        allow_mismatch: warn and return the differences instead of raising (``--allow-view-mismatch``; the run
+            records them).
+    Returns:
+        One line per difference (empty: same view).
+    Raises:
+        CacheMismatchError: a different view without ``allow_mismatch`` (the lines name both sides).
+    """
+    fields = tuple(f for f in VIEW_FIELDS if f != "image_size")
+    lines = []
+    for reader in readers:
+        if reader is None:
+            continue
+        view = reader.view if isinstance(reader, DerivedReader) else teacher_view(reader)
+        for name in fields:
+            if name in view and view[name] != student_preprocess.get(name):
+                lines.append(
+                    f"{name}: the teacher of {reader.path} saw {view[name]!r}, the student sees "
+                    f"{student_preprocess.get(name)!r}"
+                )
+    if lines and not allow_mismatch:
+        raise CacheMismatchError(
+            "the student's image view differs from its teachers' (KD targets would describe pixels the student never "
+            "sees):\n  " + "\n  ".join(lines) + "\nset the student's resize_mode to the teachers', or pass "
+            "--allow-view-mismatch to train anyway (warned and recorded)"
+        )
+    for line in lines:
+        _logger.warning("view mismatch allowed: %s", line)
+    return lines
+
+
 def _shard_records(fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:
     data = fingerprint.get("data")
     if not isinstance(data, dict):
@@ -459,5 +499,6 @@ __all__ = [
     "TargetJoiner",
     "check_cache_data",
     "check_caches_match",
+    "check_student_view",
     "open_caches",
 ]
