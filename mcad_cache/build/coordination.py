@@ -286,6 +286,7 @@ class RankSync:
                 return writer
             if self.collective:  # rank 0 passed the barrier, so the cache must be there
                 raise BuildRankError(f"rank 0 passed pass 0 but {self.out} is not a created cache; rerun the build")
+            check_world_size(self.out, rank=self.rank, world_size=self.world_size)
             now = time.monotonic()
             if lock_path(self.out, rank=0, world_size=self.world_size) in running_ranks(self.out):
                 absent_since = now
