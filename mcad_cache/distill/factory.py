@@ -36,7 +36,8 @@ from mcad_cache.distill.bank import (
     attach_candidate_rows,
 )
 from mcad_cache.distill.batch import DistillBatch
-from mcad_cache.distill.forward import ONLINE_CANDIDATES, CandidateSource, DistillStep, distill_forward
+from mcad_cache.distill.ddp import create_ddp_step, in_batch_gather
+from mcad_cache.distill.forward import ONLINE_CANDIDATES, CandidateSource, distill_forward
 from mcad_cache.distill.join import CandidateImages, TargetJoiner, open_caches
 from mcad_cache.distill.optim import create_optimizer
 from mcad_cache.distill.step import step_generator
@@ -124,15 +125,16 @@ class DistillRun:
 
     def trained_module(self) -> tuple[nn.Module, nn.Module | None, Callable[..., dict[str, Tensor]]]:
         """``(module, loss module or None, forward)`` for ``train_loop``: the student and loss module as they are on
-        one process; under DDP one ``DistributedDataParallel(DistillStep)`` (one gradient all-reduce for both)."""
+        one process; under DDP one ``DistributedDataParallel(DistillStep)`` (one gradient all-reduce for both; global
+        in-batch positives with ``--in-batch global``, ``distill.ddp``)."""
         if self.world_size <= 1:
             return self.model, self.loss_module, self.forward
-        from torch.nn.parallel import DistributedDataParallel
-
         from mcad_cache.distill.forward import wrapped_forward
 
-        step = DistillStep(self.model, self.loss_module, candidates=self.candidates)
-        return DistributedDataParallel(step, find_unused_parameters=True), None, wrapped_forward
+        ddp = create_ddp_step(
+            self.model, self.loss_module, candidates=self.candidates, global_in_batch=self.loss_module.gather
+        )
+        return ddp, None, wrapped_forward
 
 
 def _check_config(config: DistillConfig, loss_config: LossConfig) -> None:
@@ -263,6 +265,7 @@ def create_distill(
     random.seed(config.seed)
     model = create_student(config.student).to(device)
     loss_module = create_loss_module(loss_config, model=model, clip=clip, single=single)
+    loss_module.gather = in_batch_gather(config.in_batch, world_size=world_size)  # DDP: in-batch terms over all ranks
     if world_size > 1:
         torch.manual_seed(config.seed + 1_000 * rank)  # same init on every rank, own dropout stream per rank
     transform = make_image_transform(model.preprocess_cfg)
