@@ -97,3 +97,7 @@ class OutputPathError(McadError, OSError):
 
 class RunDirError(McadError, FileNotFoundError):
     """A path that is not what a command needs: not a distill run dir, student checkpoint, cache or eval result."""
+
+
+class RunInterruptedError(McadError, KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a training run after its current step; a checkpoint was saved (rerun to resume)."""
