@@ -175,3 +175,27 @@ def test_views_config_errors(tmp_path):
         run(_config(tmp_path, tmp_path / "b.zarr", views=0))
     with pytest.raises(ConfigError, match="scale"):
         run(_config(tmp_path, tmp_path / "c.zarr", augment="rrc:scale=2-3"))
+
+
+def test_cli_build_views_and_inspect(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from mcad_cache.cli.main import app
+
+    root, _, _ = built
+    out = tmp_path / "cli.zarr"
+    args = ["build", "--teacher", "clip", "--model", "tiny", "--random-init", "--data", str(root / "shards" / "*.tar"),
+            "--out", str(out), "--k", "3", "--batch-size", "3", "--workers", "0", "--rows-per-chunk", "4",
+            "--device", "cpu", "--threads", "1", "--views", "4", "--augment", SPEC, "--view-seed", "7"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    got = zarr.open_group(str(out), mode="r")
+    ref = zarr.open_group(str(root / "cache.zarr"), mode="r")
+    assert np.array_equal(np.asarray(got["view_params"][:]), np.asarray(ref["view_params"][:]))  # same seed, same views
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    views = json.loads(res.output)["views"]
+    assert views["num_views"] == 4 and views["augment"] == SPEC and views["bytes_per_view"] > 0
+    bad = runner.invoke(app, [*args[:-4], "--out", str(tmp_path / "bad.zarr")])  # --views 4 without --augment
+    assert bad.exit_code == 1 and "--augment" in bad.output and "Traceback" not in bad.output
