@@ -30,47 +30,66 @@ def build(
     ctx: typer.Context,
     teacher: Annotated[str, choice(TEACHER, "teacher registry name")] = B.teacher,
     data: Annotated[
-        list[str], typer.Option("--data", "--train-data", help="shards: paths, globs, brace patterns (repeatable)")
+        list[str],
+        typer.Option(
+            "--data", "--train-data", metavar="SHARDS", help="shards: paths, globs, brace patterns (repeatable)"
+        ),
     ] = None,
-    out: Annotated[str, typer.Option(help="cache directory (resumed if it has this fingerprint)")] = B.out,
-    model: Annotated[str, typer.Option(help="open_clip name / JSON config, ALBEF config, BLIP path")] = B.model,
+    out: Annotated[
+        str, typer.Option(metavar="DIR", help="cache directory (resumed if it has this fingerprint)")
+    ] = B.out,
+    model: Annotated[
+        str, typer.Option(metavar="NAME|PATH", help="open_clip name / JSON config, ALBEF config, BLIP path")
+    ] = B.model,
     pretrained: Annotated[
-        str, typer.Option(help="weights: open_clip tag or file, ALBEF .pth, BLIP folder")
+        str, typer.Option(metavar="TAG|PATH", help="weights: open_clip tag or file, ALBEF .pth, BLIP folder")
     ] = B.pretrained,
     random_init: Annotated[
         bool, typer.Option("--random-init/--no-random-init", help="allow a teacher without weights")
     ] = B.random_init,
-    k: Annotated[int, typer.Option("--k", help="top-k candidates per query, both directions")] = B.k,
+    k: Annotated[int, typer.Option("--k", metavar="N", help="top-k candidates per query, both directions")] = B.k,
     force_positives: Annotated[
         bool, typer.Option("--force-positives/--no-force-positives", help="put every positive into its candidates")
     ] = B.force_positives,
     candidate_source: Annotated[
-        str, typer.Option(help='another cache whose ITC ranking picks the candidates ("" = own ITC)')
+        str, typer.Option(metavar="DIR", help='another cache whose ITC ranking picks the candidates ("" = own ITC)')
     ] = B.candidate_source,
-    batch_size: Annotated[int, typer.Option(help="teacher batch size (images, captions or pairs)")] = B.batch_size,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images")] = B.workers,
+    batch_size: Annotated[
+        int, typer.Option(metavar="N", help="teacher batch size (images, captions or pairs)")
+    ] = B.batch_size,
+    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes decoding images")] = B.workers,
     device: Annotated[str, device_option("where the teacher runs")] = B.device,
     precision: Annotated[str, choice(PRECISION, "auto = bf16 autocast on CUDA, else fp32")] = B.precision,
     fused_dtype: Annotated[str, choice(FUSED_DTYPE, "fused [CLS] storage")] = B.fused_dtype,
     emb_dtype: Annotated[str, choice(EMB_DTYPE, "embedding storage")] = B.emb_dtype,
     topk_backend: Annotated[str, choice(TOPK_BACKEND, "chunked torch matmul or an exact faiss index")] = B.topk_backend,
-    chunk_size: Annotated[int, typer.Option(help="query rows per similarity block in the top-k")] = B.chunk_size,
-    rows_per_chunk: Annotated[int, typer.Option(help="rows per Zarr chunk = commit unit")] = B.rows_per_chunk,
+    chunk_size: Annotated[
+        int, typer.Option(metavar="N", help="query rows per similarity block in the top-k")
+    ] = B.chunk_size,
+    rows_per_chunk: Annotated[
+        int, typer.Option(metavar="N", help="rows per Zarr chunk = commit unit")
+    ] = B.rows_per_chunk,
     strict: Annotated[bool, typer.Option("--strict/--no-strict", help="stop at the first bad sample")] = B.strict,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = B.threads,
+    threads: Annotated[int, typer.Option(metavar="N", help="torch CPU threads (0 = torch's default)")] = B.threads,
     overwrite: Annotated[
         bool, typer.Option("--overwrite/--no-overwrite", help="replace a cache built differently")
     ] = B.overwrite,
     views: Annotated[
-        int, typer.Option(help="image views stored per image (1 = canonical; > 1 needs --augment)")
+        int, typer.Option(metavar="N", help="image views stored per image (1 = canonical; > 1 needs --augment)")
     ] = B.views,
     augment: Annotated[
-        str, typer.Option(help="view spec, e.g. rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1")
+        str, typer.Option(metavar="SPEC", help="view spec, e.g. rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1")
     ] = B.augment,
-    view_seed: Annotated[int, typer.Option(help="seed of the per-view crop / flip draws")] = B.view_seed,
-    rank: Annotated[int, typer.Option(help="this process's index among --world-size build processes")] = B.rank,
-    world_size: Annotated[int, typer.Option(help="build processes sharing one cache (disjoint units)")] = B.world_size,
-    config: Annotated[str, typer.Option("--config", help="run.json with BuildConfig fields (flags win)")] = None,
+    view_seed: Annotated[int, typer.Option(metavar="N", help="seed of the per-view crop / flip draws")] = B.view_seed,
+    rank: Annotated[
+        int, typer.Option(metavar="N", help="this process's index among --world-size build processes")
+    ] = B.rank,
+    world_size: Annotated[
+        int, typer.Option(metavar="N", help="build processes sharing one cache (disjoint units)")
+    ] = B.world_size,
+    config: Annotated[
+        str, typer.Option("--config", metavar="FILE", help="run.json with BuildConfig fields (flags win)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")] = False,
 ) -> None:
     """Build a teacher cache (embeddings, global top-k both directions, ITM logits and fused features for

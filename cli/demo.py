@@ -21,20 +21,26 @@ app.add_typer(demo_app, name="demo")
 
 @demo_app.command("run")
 def run(
-    work: Annotated[str, typer.Option(help="folder for everything the demo writes")] = None,
+    work: Annotated[str, typer.Option(metavar="DIR", help="folder for everything the demo writes")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="the whole flow at test size (seconds, not minutes)")] = False,
-    max_samples: Annotated[int, typer.Option(help="0 = all usable openclipart images; N = the first N")] = None,
-    train_images: Annotated[int, typer.Option(help="first N train images for caches and students (0 = all)")] = None,
-    steps: Annotated[int, typer.Option(help="optimiser steps per student")] = None,
-    batch_size: Annotated[int, typer.Option(help="pairs per student step")] = None,
-    k: Annotated[int, typer.Option("--k", help="top-k candidates cached")] = None,
-    k_test: Annotated[int, typer.Option(help="teachers' test eval: ITM re-rank depth")] = None,
-    student: Annotated[str, typer.Option(help="student config name or JSON path")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
-    seed: Annotated[int, typer.Option(help="seed of split and teachers")] = None,
-    seeds: Annotated[int, typer.Option(help="paired student seeds per preset (>= 10 for the study's power)")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = None,
-    config: Annotated[str, typer.Option("--config", help="run.json with DemoConfig fields")] = None,
+    max_samples: Annotated[
+        int, typer.Option(metavar="N", help="0 = all usable openclipart images; N = the first N")
+    ] = None,
+    train_images: Annotated[
+        int, typer.Option(metavar="N", help="first N train images for caches and students (0 = all)")
+    ] = None,
+    steps: Annotated[int, typer.Option(metavar="N", help="optimiser steps per student")] = None,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="pairs per student step")] = None,
+    k: Annotated[int, typer.Option("--k", metavar="N", help="top-k candidates cached")] = None,
+    k_test: Annotated[int, typer.Option(metavar="N", help="teachers' test eval: ITM re-rank depth")] = None,
+    student: Annotated[str, typer.Option(metavar="NAME|PATH", help="student config name or JSON path")] = None,
+    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of split and teachers")] = None,
+    seeds: Annotated[
+        int, typer.Option(metavar="N", help="paired student seeds per preset (>= 10 for the study's power)")
+    ] = None,
+    threads: Annotated[int, typer.Option(metavar="N", help="torch CPU threads (0 = torch's default)")] = None,
+    config: Annotated[str, typer.Option("--config", metavar="FILE", help="run.json with DemoConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Import real data, prepare offline teachers, build both caches, evaluate the teachers, run the paired study
@@ -59,22 +65,24 @@ def run(
 
 @demo_app.command("teachers")
 def teachers(
-    train: Annotated[list[str], typer.Option(help="training shards or a folder of shard-*.tar (repeatable)")] = None,
-    val: Annotated[list[str], typer.Option(help="validation shards or a folder (repeatable)")] = None,
-    out: Annotated[str, typer.Option(help="output folder: clip/, albef/, teachers.json")] = None,
-    max_train_images: Annotated[int, typer.Option(help="first N usable training images (0 = all)")] = None,
-    max_val_images: Annotated[int, typer.Option(help="first N usable validation images (0 = all)")] = None,
-    image_size_px: Annotated[int, typer.Option(help="square input size of both teachers, pixels")] = None,
-    embed_dim: Annotated[int, typer.Option(help="ITC embedding width")] = None,
-    dual_mode: Annotated[str, typer.Option(help="auto | bridge | tuned | bridge+tuned")] = None,
-    dual_steps: Annotated[int, typer.Option(help="dual-stream tuning steps")] = None,
-    albef_steps: Annotated[int, typer.Option(help="single-stream ITC + ITM tuning steps")] = None,
-    fusion_layers: Annotated[int, typer.Option(help="ALBEF fusion layers after MiniLM's 6")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    seed: Annotated[int, typer.Option(help="seed of heads init, batches and negative draws")] = None,
+    train: Annotated[
+        list[str], typer.Option(metavar="SHARDS", help="training shards or a folder of shard-*.tar (repeatable)")
+    ] = None,
+    val: Annotated[list[str], typer.Option(metavar="SHARDS", help="validation shards or a folder (repeatable)")] = None,
+    out: Annotated[str, typer.Option(metavar="DIR", help="output folder: clip/, albef/, teachers.json")] = None,
+    max_train_images: Annotated[int, typer.Option(metavar="N", help="first N usable training images (0 = all)")] = None,
+    max_val_images: Annotated[int, typer.Option(metavar="N", help="first N usable validation images (0 = all)")] = None,
+    image_size_px: Annotated[int, typer.Option(metavar="N", help="square input size of both teachers, pixels")] = None,
+    embed_dim: Annotated[int, typer.Option(metavar="N", help="ITC embedding width")] = None,
+    dual_mode: Annotated[str, typer.Option(metavar="MODE", help="auto | bridge | tuned | bridge+tuned")] = None,
+    dual_steps: Annotated[int, typer.Option(metavar="N", help="dual-stream tuning steps")] = None,
+    albef_steps: Annotated[int, typer.Option(metavar="N", help="single-stream ITC + ITM tuning steps")] = None,
+    fusion_layers: Annotated[int, typer.Option(metavar="N", help="ALBEF fusion layers after MiniLM's 6")] = None,
+    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes decoding images")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of heads init, batches and negative draws")] = None,
     force: Annotated[bool, typer.Option("--force", help="prepare again even when up to date")] = None,
-    config: Annotated[str, typer.Option("--config", help="run.json with TeachersConfig fields")] = None,
+    config: Annotated[str, typer.Option("--config", metavar="FILE", help="run.json with TeachersConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Tune the offline demo teachers (open_clip EfficientNet-Lite0 + MiniLM; ALBEF-architecture with the same

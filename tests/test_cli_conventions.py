@@ -155,3 +155,21 @@ def test_eval_results_on_stdout_logs_on_stderr_and_files_never_collide(built, tm
     assert res.stdout.startswith("| model") and res.stderr == ""
     res = invoke("compare", *outs[:2])  # the rich table also goes to stdout: 2>/dev/null keeps it
     assert "RSUM" in res.stdout and "RSUM" not in res.stderr
+
+
+def test_docs_cli_md_lists_every_command_and_option():
+    """docs/cli.md's reference is generated from the app (regenerate: `python -m mcad_cache.cli.docs docs/cli.md`):
+    every command has its section and every option of it is in that section."""
+    import typer
+
+    from mcad_cache.cli.docs import MARKER, _commands
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert MARKER in text
+    sections = {s.split("`", 1)[0]: s for s in text.split("### `")[1:]}
+    for path, cmd in _commands(typer.main.get_command(app)):
+        assert path in sections, f"docs/cli.md has no section for {path}: regenerate it"
+        for p in cmd.params:
+            for opt in [*p.opts, *p.secondary_opts]:
+                if opt.startswith("-"):
+                    assert opt in sections[path], f"docs/cli.md: {path} lacks {opt}: regenerate it"
