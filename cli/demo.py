@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from mcad_cache.cli.options import explicit_flags
 from mcad_cache.config import load_config
 from mcad_cache.demo.config import DemoConfig, TeachersConfig
 
@@ -17,29 +18,31 @@ demo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(demo_app, name="demo")
+DEMO, TEACH = DemoConfig(), TeachersConfig()  # defaults shown in --help; flag > file > default
 
 
 @demo_app.command("run")
 def run(
-    work: Annotated[str, typer.Option(metavar="DIR", help="folder for everything the demo writes")] = None,
+    ctx: typer.Context,
+    work: Annotated[str, typer.Option(metavar="DIR", help="folder for everything the demo writes")] = DEMO.work,
     quick: Annotated[bool, typer.Option("--quick", help="the whole flow at test size (seconds, not minutes)")] = False,
     max_samples: Annotated[
         int, typer.Option(metavar="N", help="0 = all usable openclipart images; N = the first N")
-    ] = None,
+    ] = DEMO.max_samples,
     train_images: Annotated[
         int, typer.Option(metavar="N", help="first N train images for caches and students (0 = all)")
-    ] = None,
-    steps: Annotated[int, typer.Option(metavar="N", help="optimiser steps per student")] = None,
-    batch_size: Annotated[int, typer.Option(metavar="N", help="pairs per student step")] = None,
-    k: Annotated[int, typer.Option("--k", metavar="N", help="top-k candidates cached")] = None,
-    k_test: Annotated[int, typer.Option(metavar="N", help="teachers' test eval: ITM re-rank depth")] = None,
-    student: Annotated[str, typer.Option(metavar="NAME|PATH", help="student config name or JSON path")] = None,
-    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes")] = None,
-    seed: Annotated[int, typer.Option(metavar="N", help="seed of split and teachers")] = None,
+    ] = DEMO.train_images,
+    steps: Annotated[int, typer.Option(metavar="N", help="optimiser steps per student")] = DEMO.steps,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="pairs per student step")] = DEMO.batch_size,
+    k: Annotated[int, typer.Option("--k", metavar="N", help="top-k candidates cached")] = DEMO.k,
+    k_test: Annotated[int, typer.Option(metavar="N", help="teachers' test eval: ITM re-rank depth")] = DEMO.k_test,
+    student: Annotated[str, typer.Option(metavar="NAME|PATH", help="student config name or JSON path")] = DEMO.student,
+    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes")] = DEMO.workers,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of split and teachers")] = DEMO.seed,
     seeds: Annotated[
         int, typer.Option(metavar="N", help="paired student seeds per preset (>= 10 for the study's power)")
-    ] = None,
-    threads: Annotated[int, typer.Option(metavar="N", help="torch CPU threads (0 = torch's default)")] = None,
+    ] = DEMO.seeds,
+    threads: Annotated[int, typer.Option(metavar="N", help="torch CPU threads (0 = torch's default)")] = DEMO.threads,
     config: Annotated[str, typer.Option("--config", metavar="FILE", help="run.json with DemoConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -49,14 +52,10 @@ def run(
     from mcad_cache.demo import run as pipeline
     from mcad_cache.demo.config import QUICK
 
-    flags = dict(
-        work=work, max_samples=max_samples, train_images=train_images, steps=steps, batch_size=batch_size, k=k,
-        k_test=k_test, student=student, workers=workers, seed=seed, seeds=seeds, threads=threads,
-    )  # fmt: skip
+    flags = explicit_flags(ctx)
+    flags.pop("quick", None)
     base = {**QUICK, "work": ".work/demo-quick"} if quick else {}
-    cfg = call_pipeline(
-        load_config, DemoConfig, config, **{**base, **{k: v for k, v in flags.items() if v is not None}}
-    )
+    cfg = call_pipeline(load_config, DemoConfig, config, **{**base, **flags})  # flag > --quick > file > default
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
     for line in summary["headline"]:
         console.print(line, highlight=False, soft_wrap=True)
@@ -65,23 +64,38 @@ def run(
 
 @demo_app.command("teachers")
 def teachers(
+    ctx: typer.Context,
     train: Annotated[
         list[str], typer.Option(metavar="SHARDS", help="training shards or a folder of shard-*.tar (repeatable)")
     ] = None,
     val: Annotated[list[str], typer.Option(metavar="SHARDS", help="validation shards or a folder (repeatable)")] = None,
-    out: Annotated[str, typer.Option(metavar="DIR", help="output folder: clip/, albef/, teachers.json")] = None,
-    max_train_images: Annotated[int, typer.Option(metavar="N", help="first N usable training images (0 = all)")] = None,
-    max_val_images: Annotated[int, typer.Option(metavar="N", help="first N usable validation images (0 = all)")] = None,
-    image_size_px: Annotated[int, typer.Option(metavar="N", help="square input size of both teachers, pixels")] = None,
-    embed_dim: Annotated[int, typer.Option(metavar="N", help="ITC embedding width")] = None,
-    dual_mode: Annotated[str, typer.Option(metavar="MODE", help="auto | bridge | tuned | bridge+tuned")] = None,
-    dual_steps: Annotated[int, typer.Option(metavar="N", help="dual-stream tuning steps")] = None,
-    albef_steps: Annotated[int, typer.Option(metavar="N", help="single-stream ITC + ITM tuning steps")] = None,
-    fusion_layers: Annotated[int, typer.Option(metavar="N", help="ALBEF fusion layers after MiniLM's 6")] = None,
-    workers: Annotated[int, typer.Option(metavar="N", help="DataLoader worker processes decoding images")] = None,
-    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N")] = None,
-    seed: Annotated[int, typer.Option(metavar="N", help="seed of heads init, batches and negative draws")] = None,
-    force: Annotated[bool, typer.Option("--force", help="prepare again even when up to date")] = None,
+    out: Annotated[str, typer.Option(metavar="DIR", help="output folder: clip/, albef/, teachers.json")] = TEACH.out,
+    max_train_images: Annotated[
+        int, typer.Option(metavar="N", help="first N usable training images (0 = all)")
+    ] = TEACH.max_train_images,
+    max_val_images: Annotated[
+        int, typer.Option(metavar="N", help="first N usable validation images (0 = all)")
+    ] = TEACH.max_val_images,
+    image_size_px: Annotated[
+        int, typer.Option(metavar="N", help="square input size of both teachers, pixels")
+    ] = TEACH.image_size_px,
+    embed_dim: Annotated[int, typer.Option(metavar="N", help="ITC embedding width")] = TEACH.embed_dim,
+    dual_mode: Annotated[
+        str, typer.Option(metavar="MODE", help="auto | bridge | tuned | bridge+tuned")
+    ] = TEACH.dual_mode,
+    dual_steps: Annotated[int, typer.Option(metavar="N", help="dual-stream tuning steps")] = TEACH.dual_steps,
+    albef_steps: Annotated[
+        int, typer.Option(metavar="N", help="single-stream ITC + ITM tuning steps")
+    ] = TEACH.albef_steps,
+    fusion_layers: Annotated[
+        int, typer.Option(metavar="N", help="ALBEF fusion layers after MiniLM's 6")
+    ] = TEACH.fusion_layers,
+    workers: Annotated[
+        int, typer.Option(metavar="N", help="DataLoader worker processes decoding images")
+    ] = TEACH.workers,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda | cuda:N")] = TEACH.device,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of heads init, batches and negative draws")] = TEACH.seed,
+    force: Annotated[bool, typer.Option("--force", help="prepare again even when up to date")] = TEACH.force,
     config: Annotated[str, typer.Option("--config", metavar="FILE", help="run.json with TeachersConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -90,12 +104,7 @@ def teachers(
     setup_logging(verbose)
     from mcad_cache.demo import prepare_teachers
 
-    cfg = call_pipeline(
-        load_config, TeachersConfig, config, train=tuple(train) if train else None, val=tuple(val) if val else None,
-        out=out, max_train_images=max_train_images, max_val_images=max_val_images, image_size_px=image_size_px,
-        embed_dim=embed_dim, dual_mode=dual_mode, dual_steps=dual_steps, albef_steps=albef_steps,
-        fusion_layers=fusion_layers, workers=workers, device=device, seed=seed, force=force,
-    )  # fmt: skip
+    cfg = call_pipeline(load_config, TeachersConfig, config, **explicit_flags(ctx))
     report = call_pipeline(prepare_teachers.run, cfg, progress=progress)
     summary = {
         name: {"model": report[name]["model"], "pretrained": report[name]["pretrained"], "val": report[name]["val"]}
