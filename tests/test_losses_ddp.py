@@ -1,15 +1,23 @@
-"""MCADLoss(gather=True) on two CPU ranks (gloo) equals the single-process loss on the whole batch."""
+"""MCADLoss(gather=True) on two CPU ranks (gloo) equals the single-process loss on the whole batch; so does the
+distill factory's DDP step (``distill.ddp``), gradient by gradient."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mcad_cache.distill import create_distill, total_loss
 from mcad_cache.losses import MCADLoss, StudentOutputs, TeacherTargets, preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 N, D, DC = 6, 5, 4
 
@@ -82,3 +90,86 @@ def test_gathered_loss_matches_single_process():
         torch.testing.assert_close(g_head, ref_g_head, rtol=1e-4, atol=1e-6)
     feat_mean = sum(r[1]["feat_loss"] for r in results) / 2
     assert abs(feat_mean - ref["feat_loss"]) < 1e-5
+
+
+def _step_worker(rank: int, world: int, init_file: str, config: dict, out: str) -> None:
+    """One rank of the factory's DDP step (``DistillRun.trained_module``): one forward / backward on its first
+    batch; saves the loss terms and every parameter's gradient after DDP's all-reduce."""
+    from mcad_cache.config import DistillConfig
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        d = create_distill(DistillConfig(**config), rank=rank, world_size=world)
+        module, loss_module, forward = d.trained_module()
+        batch, _, _ = d.prepare(next(iter(d.stream(0))), 0)
+        losses = forward(module, loss_module, batch)
+        total_loss(losses).backward()
+        named = (
+            module.module.named_parameters()
+            if world > 1
+            else [*((f"model.{n}", p) for n, p in d.model.named_parameters()),
+                  *((f"loss_module.{n}", p) for n, p in d.loss_module.named_parameters())]
+        )  # fmt: skip
+        grads = {n: p.grad.detach().double().clone() for n, p in named if p.grad is not None}
+        torch.save(
+            {"losses": {k: float(v.detach()) for k, v in losses.items()}, "grads": grads}, f"{out}/rank{rank}.pt"
+        )
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_factory_ddp_step_gradients_equal_one_process_double_batch(tmp_path):
+    """The distill wiring (``create_distill`` + ``distill.ddp``): 2 gloo ranks x batch 4 with global in-batch terms
+    give the same loss terms and the same gradient for every parameter (student and loss module) as 1 process x
+    batch 8 on the same samples; per-rank terms do not."""
+    import fake_teacher  # noqa: F401  (registers "fake")
+    from test_torchrun_distill import STUDENT, B, write_shards
+
+    from mcad_cache.config import BuildConfig
+    from mcad_cache.pipelines.build_cache import run as build
+
+    write_shards(tmp_path / "shards")
+    build(
+        BuildConfig(
+            teacher="fake", data=(str(tmp_path / "shards"),), out=str(tmp_path / "clip.zarr"), k=3, batch_size=8,
+            workers=0, device="cpu",
+        )
+    )  # fmt: skip
+    (tmp_path / "student.json").write_text(json.dumps(STUDENT))
+    base = {
+        "cache": [str(tmp_path / "clip.zarr")], "data": [str(tmp_path / "shards")], "out": str(tmp_path / "run"),
+        "student": str(tmp_path / "student.json"), "preset": "clip-kd-feat", "k": 3, "steps": 1, "workers": 0,
+        "device": "cpu", "shuffle_buffer": 0, "threads": 1,
+    }  # fmt: skip
+    results = {}
+    for name, world, extra in (("one", 1, {"batch_size": 2 * B}), ("global", 2, {"batch_size": B}),
+                               ("rank", 2, {"batch_size": B, "in_batch": "rank"})):  # fmt: skip
+        out = tmp_path / name
+        out.mkdir()
+        args = (world, str(tmp_path / f"init-{name}"), {**base, **extra}, str(out))
+        if world == 1:
+            _step_worker(0, *args)
+        else:
+            mp.spawn(_step_worker, args=args, nprocs=world, join=True)
+        results[name] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    (one,) = results["one"]
+    ranks = results["global"]
+    for key, value in one["losses"].items():
+        # in-batch terms are global on every rank; the per-sample feature term (and so the sum) is per rank, and
+        # its mean over the ranks is the global batch's
+        got = (
+            [r["losses"][key] for r in ranks]
+            if key.startswith(("itc", "kd_"))
+            else [np.mean([r["losses"][key] for r in ranks])]
+        )
+        for v in got:
+            assert abs(v - value) <= 1e-6 * max(1.0, abs(value)), (key, v, value)
+    for got in ranks:
+        assert sorted(got["grads"]) == sorted(one["grads"])
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    per_rank = results["rank"][0]
+    assert abs(per_rank["losses"]["itc_loss"] - one["losses"]["itc_loss"]) > 1e-3
