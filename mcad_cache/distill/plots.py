@@ -1,7 +1,8 @@
 """Plots of a distill run that a person reads at a glance (matplotlib, Agg backend; our layout).
 
 :func:`plot_run` draws ``metrics.jsonl`` into one PNG: the run name in the title; one panel per loss group
-(total, contrastive, in-batch KD, top-k KD, features, integration; only groups the run has), each on a log y axis
+(total, contrastive, in-batch KD, top-k KD, features, integration; only groups the run has) after one panel of
+all terms together, each on a log y axis
 when its positive curves span more than :data:`LOG_SCALE_RATIO` (small terms are no longer squashed onto 0); panels
 for learning rate, gradient norms, logit scale, throughput and, with ``--val-data``, val recall (R@1/5/10 both
 directions and RSUM, best step marked). Legends sit outside the axes so they never cover the curve ends.
@@ -81,6 +82,8 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, *, run_name: str = 
     panels: list[tuple[str, list[str], list[dict[str, Any]], str]] = [
         (title, keys, train, "loss (weighted)") for title, keys in group_losses(loss_names)
     ]
+    if len(panels) > 1:  # every term on one axis first: log y when they differ by orders of magnitude
+        panels.insert(0, ("all loss terms", loss_names, train, "loss (weighted)"))
     for title, keys, unit in (
         ("learning rate", ["lr"], "lr"),
         ("gradient norm (before clipping)", ["grad_norm", "loss_grad_norm"], "L2 norm"),
