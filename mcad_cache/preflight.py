@@ -48,7 +48,12 @@ def check_writable_file(path: str | os.PathLike[str], *, option: str) -> Path:
     for parent in p.parents:
         if parent.exists() and not parent.is_dir():
             raise OutputPathError(f"{option} {p}: {parent} is a file, not a folder; choose another {option}")
-    check_writable_dir(p.parent, option=option)
+    try:
+        check_writable_dir(p.parent, option=option)
+    except OutputPathError as err:
+        raise OutputPathError(
+            f"{option} {p}: its folder {p.parent} cannot be created or written; choose another {option}"
+        ) from err
     if p.is_dir():
         raise OutputPathError(f"{option} {p}: is a folder, a file path is needed")
     if p.exists() and not os.access(p, os.W_OK):

@@ -20,7 +20,7 @@ from mcad_cache.config import BuildConfig
 from mcad_cache.errors import ConfigError
 from mcad_cache.integrate import describe_derived, is_derived, open_derived
 from mcad_cache.pipelines.torchrun import build_ranks, process_group, torchrun_env
-from mcad_cache.preflight import check_input_file, check_writable_dir, looks_like_path
+from mcad_cache.preflight import check_input_file, check_writable_dir, check_writable_file, looks_like_path
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.teachers import create_teacher
@@ -38,7 +38,10 @@ def preflight(config: BuildConfig) -> None:
     out = Path(config.out)
     if config.rank == 0:
         refuse_foreign_out(out)
-    check_writable_dir(out if out.exists() else out.parent, option="--out")
+    if out.exists():
+        check_writable_dir(out, option="--out")
+    else:  # names --out itself, creates only its parent
+        check_writable_file(out, option="--out")
     if config.pretrained and looks_like_path(config.pretrained):
         check_input_file(config.pretrained, option="--pretrained", allow_dir=True)
     if config.candidate_source:
