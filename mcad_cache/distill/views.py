@@ -18,6 +18,7 @@ Top-k candidate images (t2i) and their targets stay canonical.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ class ViewReplay:
         ValueError: the stored box does not fit the decoded image (the shards changed since the build).
     """
 
-    def __init__(self, *, seed: int, params: dict[str, np.ndarray] | None = None, spec: AugmentSpec | None = None):
+    def __init__(self, *, seed: int, params: Mapping[str, np.ndarray] | None = None, spec: AugmentSpec | None = None):
         if (params is None) == (spec is None):
             raise ValueError("ViewReplay needs exactly one of params (stored views) or spec (drawn views)")
         self.seed, self.params, self.spec = seed, params, spec
@@ -102,11 +103,30 @@ class ViewTargets:
         return torch.from_numpy(out)
 
 
-def stored_view_params(reader: CacheReader) -> dict[str, np.ndarray]:
+class StoredViews(Mapping[str, np.ndarray]):
+    """``key -> int32 [V, 5]`` view params of the valid rows of a cache, backed by one array (pickled to each
+    DataLoader worker once per epoch: one ``[N_i, V, 5]`` array and a key -> row dict, not N_i small arrays)."""
+
+    def __init__(self, keys: list[str], params: np.ndarray) -> None:
+        self.rows = {k: i for i, k in enumerate(keys)}
+        self.params = params
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.params[self.rows[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def stored_view_params(reader: CacheReader) -> StoredViews:
     """``key -> int32 [V, 5]`` of every valid image row of a cache with views."""
-    params = np.asarray(reader.array("view_params")[:], dtype=np.int32)
-    keys = [str(k) for k in reader.image_keys.tolist()]
-    return {k: params[i] for i, k in enumerate(keys) if reader.image_valid[i]}
+    valid = np.asarray(reader.image_valid, dtype=bool)
+    params = np.asarray(reader.array("view_params")[:], dtype=np.int32)[valid]
+    keys = [str(k) for k in reader.image_keys[valid].tolist()]
+    return StoredViews(keys, params)
 
 
 def attach_views(config: DistillConfig, *, stream: Any, joiner: Any, clip: CacheReader | None) -> dict[str, Any]:
@@ -148,4 +168,4 @@ def attach_views(config: DistillConfig, *, stream: Any, joiner: Any, clip: Cache
     return {"views": {"mode": "drawn (mismatch allowed)", "augment": want.to_string(), "mismatch": where}}
 
 
-__all__ = ["ViewReplay", "ViewTargets", "attach_views", "choose_view", "stored_view_params"]
+__all__ = ["StoredViews", "ViewReplay", "ViewTargets", "attach_views", "choose_view", "stored_view_params"]
