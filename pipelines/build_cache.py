@@ -8,6 +8,7 @@ is described in ``docs/cache-format.md``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,12 @@ from mcad_cache.cache import check_cache, describe_cache, open_cache
 from mcad_cache.config import BuildConfig
 from mcad_cache.errors import ConfigError
 from mcad_cache.integrate import describe_derived, is_derived, open_derived
-from mcad_cache.pipelines.torchrun import build_ranks, process_group, torchrun_env
 from mcad_cache.preflight import check_input_file, check_writable_dir, check_writable_file, looks_like_path
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device, resolve_precision
 from mcad_cache.teachers import create_teacher
 from mcad_cache.teachers.base import weights_source
+from mcad_cache.torchrun import build_ranks, process_group, torchrun_env
 
 
 def preflight(config: BuildConfig) -> None:
@@ -67,8 +68,9 @@ def run(config: BuildConfig, *, progress: ProgressFn = no_progress) -> BuildResu
         CacheMismatchError, BuildLockedError, DataError, NonFiniteError: as :func:`mcad_cache.build.build_cache`.
         BuildRankError: under torchrun or with --world-size > 1, ranks that cannot meet (names ranks and units).
     """
-    config = build_ranks(config)  # rank / world size from torchrun's environment (pipelines.torchrun)
-    with process_group(torchrun_env(), device=config.device, timeout_s=config.wait_timeout_s):
+    env = torchrun_env(os.environ)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or None
+    config = build_ranks(config, env)
+    with process_group(env, device=config.device, timeout_s=config.wait_timeout_s):
         return _build(config, progress=progress)
 
 

@@ -9,6 +9,7 @@ reaches the same weights and metrics as an uninterrupted run; a changed config i
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,8 +34,8 @@ from mcad_cache.distill import rundir as rd
 from mcad_cache.distill.ddp import gather_counts, mean_over_ranks
 from mcad_cache.distill.tracking import create_run_hooks
 from mcad_cache.errors import RunDirError
-from mcad_cache.pipelines.torchrun import process_group, torchrun_env
 from mcad_cache.progress import no_progress
+from mcad_cache.torchrun import process_group, torchrun_env
 
 _logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]] = no_pr
         CheckpointError: resuming a run directory written with another config.
         NonFiniteError: a NaN/inf loss (names the step and the batch's keys).
     """
-    with process_group(torchrun_env(), device=config.device, timeout_s=DIST_TIMEOUT_S):
+    with process_group(torchrun_env(os.environ), device=config.device, timeout_s=DIST_TIMEOUT_S):
         return _run(config, progress=progress)
 
 

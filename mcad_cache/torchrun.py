@@ -1,16 +1,16 @@
-"""torchrun's environment for the pipelines: the rank and world size it sets, and the process group a run joins.
+"""torchrun's environment: the rank and world size it sets, and the process group a run joins.
 
-The library reads no environment variables; the pipelines read torchrun's (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-plus ``MASTER_ADDR`` / ``MASTER_PORT`` read by ``torch.distributed`` itself) here and pass ranks on as arguments.
-Backends: NCCL for CUDA runs, gloo on CPU (the build's barriers always use gloo, ``build.coordination``).
+The library reads no environment variables: the pipelines pass ``os.environ`` to :func:`torchrun_env`, which reads
+torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from it (``MASTER_ADDR`` / ``MASTER_PORT`` are read by
+``torch.distributed`` itself). Backends: NCCL for CUDA runs, gloo on CPU (the build's barriers always use gloo,
+``build.coordination``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -29,18 +29,18 @@ class TorchrunEnv:
     local_rank: int  # LOCAL_RANK: this process's GPU on its node
 
 
-def torchrun_env() -> TorchrunEnv | None:
-    """The launcher's ranks when ``WORLD_SIZE`` > 1 is set, else None (a plain process).
+def torchrun_env(environ: Mapping[str, str]) -> TorchrunEnv | None:
+    """The launcher's ranks when ``environ`` (the process environment) has ``WORLD_SIZE`` > 1, else None.
 
     Raises:
         ConfigError: ``RANK`` missing or not an integer, or not in [0, WORLD_SIZE).
     """
-    world = os.environ.get("WORLD_SIZE", "")
+    world = environ.get("WORLD_SIZE", "")
     if not world.isdigit() or int(world) <= 1:
         return None
     try:
-        rank = int(os.environ["RANK"])
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        rank = int(environ["RANK"])
+        local = int(environ.get("LOCAL_RANK", "0"))
     except (KeyError, ValueError) as err:
         raise ConfigError(
             f"WORLD_SIZE={world} is set but RANK is missing or not an integer ({err}); use torchrun"
@@ -50,8 +50,8 @@ def torchrun_env() -> TorchrunEnv | None:
     return TorchrunEnv(rank=rank, world_size=int(world), local_rank=local)
 
 
-def build_ranks(config: BuildConfig) -> BuildConfig:
-    """``config`` with ``rank`` / ``world_size`` from torchrun's environment when there is one.
+def build_ranks(config: BuildConfig, env: TorchrunEnv | None) -> BuildConfig:
+    """``config`` with ``rank`` / ``world_size`` from torchrun's ``env`` (:func:`torchrun_env`) when there is one.
 
     A flag that disagrees with torchrun is refused rather than silently replaced (``--world-size 3`` under
     ``--nproc-per-node 2`` would leave units nobody writes); the defaults (rank 0, world size 1) mean "not given".
@@ -59,7 +59,6 @@ def build_ranks(config: BuildConfig) -> BuildConfig:
     Raises:
         ConfigError: ``--rank`` / ``--world-size`` given and different from torchrun's ``RANK`` / ``WORLD_SIZE``.
     """
-    env = torchrun_env()
     if env is None:
         return config
     if config.world_size not in (1, env.world_size) or config.rank not in (0, env.rank):
