@@ -235,6 +235,7 @@ def build_cache(
         final_stages = tuple(s for s in STAGES if writer.layout.kind == "single" or not s.startswith("itm"))
         final_stages = with_view_stage(final_stages, writer.layout)  # issue 16: image_views only with views
         sync.wait(writer, final_stages, after="the last pass")
+        stage_seconds = sync.stage_seconds(timer.seconds)  # rank 0's summary: every rank's pass times
         if rank != 0:
             _logger.info("rank %d of %d: all its units are committed; rank 0 finalizes", rank, world)
             seconds = time.perf_counter() - t_start
