@@ -1,8 +1,8 @@
 """``mcad-cache integrate``: train the integration module once on two teacher caches, write a derived target cache.
 
 A thin run: threads and device, then the library's stage (``mcad_cache.integrate.integrate``), then the run's
-report files beside the arrays: ``<out>/diagnostics.json`` and ``<out>/diagnostics.png`` (docs/cache-format.md,
-"Derived target caches").
+report files beside the derived cache: ``<out>.diagnostics.json`` and ``<out>.diagnostics.png`` (outside the Zarr
+store, which lists only its own members; docs/cache-format.md, "Derived target caches").
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from mcad_cache.integrate.engine import IntegrateResult, integrate
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device
 
-DIAGNOSTICS_JSON = "diagnostics.json"
-DIAGNOSTICS_PLOT = "diagnostics.png"
+DIAGNOSTICS_JSON = ".diagnostics.json"  # suffix after the derived cache's folder name
+DIAGNOSTICS_PLOT = ".diagnostics.png"
 
 
 def run(config: IntegrateConfig, *, progress: ProgressFn = no_progress) -> IntegrateResult:
@@ -39,8 +39,10 @@ def run(config: IntegrateConfig, *, progress: ProgressFn = no_progress) -> Integ
     device = resolve_device(config.device)
     result = integrate(config, device=device, progress=progress)
     out = Path(result.path)
-    (out / DIAGNOSTICS_JSON).write_text(json.dumps(result.diagnostics, indent=2, default=float) + "\n")
-    plot_diagnostics(result.diagnostics, out / DIAGNOSTICS_PLOT)
+    out.with_name(out.name + DIAGNOSTICS_JSON).write_text(
+        json.dumps(result.diagnostics, indent=2, default=float) + "\n"
+    )
+    plot_diagnostics(result.diagnostics, out.with_name(out.name + DIAGNOSTICS_PLOT))
     return result
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mcad_cache.cache import CacheLayout, CacheWriter
+from mcad_cache.data.identity import shard_records
 from mcad_cache.data.webdataset import iter_samples
 
 DIM, FUSED, LOGIT_SCALE = 8, 6, 50.0
@@ -88,7 +89,7 @@ def _write(path, *, kind, keys, text_keys, texts, offsets, txt2img, img, txt, to
     fingerprint = {
         "teacher": {"name": "world-" + kind},
         "preprocess": {**view, "mean": [0.5] * 3, "std": [0.5] * 3},
-        "data": {"shards": [{"name": Path(s).name, "sha256": ""} for s in shards]},
+        "data": {"shards": shard_records(shards)},
         "k": k,
     }
     w = CacheWriter.create(path, layout=layout, manifest={"fingerprint": fingerprint, "logit_scale": LOGIT_SCALE})
