@@ -337,7 +337,9 @@ def test_join_is_by_key_and_dedups_candidate_images(shards, caches):
         fetched.append(list(keys))
         return torch.stack([torch.full((3, 2, 2), float(all_keys.index(k))) for k in keys])
 
-    joiner = TargetJoiner(clip=clip, single=albef, loss_config=preset("mcad-online"), k=3, candidate_images=candidate_images)
+    joiner = TargetJoiner(
+        clip=clip, single=albef, loss_config=preset("mcad-online"), k=3, candidate_images=candidate_images
+    )
     keys = all_keys[2:7]
     captions = [[str(c) for c in clip.captions[clip.img2txt(clip.image_rows([k])[0])]] for k in keys]
     images = torch.stack([torch.full((3, 2, 2), float(all_keys.index(k))) for k in keys])
