@@ -32,6 +32,8 @@ def _one_line_error(res, *needles: str) -> None:
         (["--batch-size", "1"], ("--batch-size must be >= 2",)),
         (["--loss", "{not json"], ("--loss is not valid JSON",)),
         (["--loss", '{"w_nope": 1}'], ("--loss", "w_nope")),
+        (["--loss", '{"w_feat": "high"}'], ("--loss", "w_feat", "must be a number")),  # was a TypeError traceback
+        (["--loss", "[1, 2]"], ("--loss must be a JSON object",)),  # was a TypeError traceback
         (["--precision", "bf16"], ("--precision", "needs a CUDA device")),
     ],
 )

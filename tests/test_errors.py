@@ -153,7 +153,9 @@ def test_cli_import_to_a_file_parent_is_one_line(tmp_path):
 
 def test_cli_unknown_source_lists_the_registry(tmp_path):
     result = runner.invoke(app, ["data", "import", "--source", "nope", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "known importers: folder, karpathy, openclipart" in " ".join(result.output.split())
+    # refused at parse time (click's usage-error exit 2), naming every registered importer
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "'folder', 'karpathy', 'openclipart'" in out and "--source" in out
     help_text = " ".join(runner.invoke(app, ["data", "import", "--help"]).output.split())
     assert "openclipart" in help_text and "karpathy" in help_text and "folder" in help_text
 

@@ -123,4 +123,4 @@ def test_cli_import_then_verify(tmp_path):
     result = runner.invoke(app, ["data", "verify", str(out / "train" / "shard-{000000..000002}.tar")])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["data", "import", "--source", "nope", "--out", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2 and "'nope' is not one of" in result.output  # refused at parse time

@@ -221,9 +221,13 @@ def create_distill(
     """
     if config.preset not in PRESETS:
         raise ConfigError(f"--preset {config.preset!r} is unknown; known: {', '.join(PRESETS)}")
+    if not isinstance(config.loss, dict):
+        raise ConfigError(
+            f"--loss must be a JSON object of LossConfig fields, e.g. '{{\"w_feat\": 0.5}}'; got {config.loss!r}"
+        )
     try:
-        loss_config = preset(config.preset, **dict(config.loss))
-    except ValueError as err:
+        loss_config = preset(config.preset, **config.loss)
+    except (ValueError, TypeError) as err:
         raise ConfigError(f"--loss: {err}") from err
     _check_config(config, loss_config)
     shards = expand_shards(config.data)

@@ -190,8 +190,15 @@ def preset(name: str, **overrides: Any) -> LossConfig:
     if unknown:
         raise ValueError(f"unknown loss field(s) {unknown}; known: {sorted(names)}")
     for f in dataclasses.fields(LossConfig):
-        if f.name in values and isinstance(values[f.name], int) and f.type in ("float", "float | None"):
-            values[f.name] = float(values[f.name])
+        if f.name not in values or f.type not in ("float", "float | None", "int"):
+            continue
+        value = values[f.name]
+        if value is None and f.type == "float | None":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"loss field {f.name!r} must be a number, got {value!r}")
+        if f.type != "int":
+            values[f.name] = float(value)
     cfg = LossConfig(**values)
     cfg.validate()
     return cfg
