@@ -50,7 +50,7 @@ def write_cache(
 ) -> None:
     """Write a complete cache of synthetic values with ``CacheWriter`` (the builder's writer)."""
     from mcad_cache.cache.schema import CacheLayout
-    from mcad_cache.cache.store import CacheWriter
+    from mcad_cache.cache import CacheWriter
     from mcad_cache.cache.topk import positives_i2t, positives_t2i
 
     if path.exists():
