@@ -49,8 +49,8 @@ def write_cache(
     fused_values: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write a complete cache of synthetic values with ``CacheWriter`` (the builder's writer)."""
-    from mcad_cache.cache.schema import CacheLayout
     from mcad_cache.cache import CacheWriter
+    from mcad_cache.cache.schema import CacheLayout
     from mcad_cache.cache.topk import positives_i2t, positives_t2i
 
     if path.exists():
@@ -185,7 +185,7 @@ def loss_difference(values: dict[str, np.ndarray], read: dict[str, dict[str, np.
     }
     result: dict[str, Any] = {"batch": batch}
     for gate_name, gate in (("gate_initial", None), ("gate_0.45", 0.45)):
-        cfg = preset("mcad") if gate is None else preset("mcad", gate_init=gate)
+        cfg = preset("mcad-online") if gate is None else preset("mcad-online", gate_init=gate)  # the online module
         torch.manual_seed(seed)
         loss_module = MCADLoss(cfg, student_dim=d_s, clip_dim=d_c, fused_dim=fused_dim).eval()
         losses = {}
