@@ -40,7 +40,48 @@ def open_group(path: str | Path, *, mode: str) -> zarr.Group:
         raise CacheNotFoundError(f"{p} is not a readable Zarr v3 group: {err}") from err
 
 
-class CacheReader:
+class GroupReader:
+    """What every reader of a Zarr v3 cache group shares (``CacheReader``, ``integrate.derived.DerivedReader``):
+    the lazily opened read-only group (through :func:`open_group`), raw arrays by name, whole arrays loaded into
+    memory once, and the manifest's ``fingerprint`` / ``complete``. Subclasses set ``path`` and ``manifest``."""
+
+    path: Path
+    manifest: dict[str, Any]
+    _group: zarr.Group | None = None
+
+    def _reset(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._group = None
+        self._mem: dict[str, np.ndarray] = {}
+
+    @property
+    def group(self) -> zarr.Group:
+        """The open Zarr group (opened read-only on first use in each process)."""
+        if self._group is None:
+            self._group = open_group(self.path, mode="r")
+        return self._group
+
+    def array(self, name: str) -> zarr.Array:
+        """The raw Zarr array ``name`` (see ``docs/cache-format.md``)."""
+        return self.group[name]
+
+    def _load(self, name: str) -> np.ndarray:
+        if name not in self._mem:
+            self._mem[name] = np.asarray(self.group[name][:])
+        return self._mem[name]
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The build's fingerprint (what ``require(expect=...)`` compares)."""
+        return self.manifest.get("fingerprint", {})
+
+    @property
+    def complete(self) -> bool:
+        """True once the build finished (the manifest's last write)."""
+        return bool(self.manifest.get("complete"))
+
+
+class CacheReader(GroupReader):
     """Read access to one teacher's cache (``open_cache``). All float outputs are float32 numpy arrays.
 
     Small arrays (keys, maps, validity, embeddings, top-k ids / similarities / flags / ITM logits) are loaded into
@@ -63,10 +104,8 @@ class CacheReader:
             CacheNotFoundError: nothing (or no Zarr v3 group) at ``path``.
             CacheSchemaError: another schema version, or arrays that do not match the layout.
         """
-        self.path = Path(path)
+        self._reset(path)
         self._check_schema = check_schema
-        self._group: zarr.Group | None = None
-        self._mem: dict[str, np.ndarray] = {}
         self._key_index: dict[str, dict[str, int]] = {}
         group = self.group
         if check_schema:
@@ -89,41 +128,13 @@ class CacheReader:
         return {"path": str(self.path), "check_schema": False, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = Path(state["path"])
+        self._reset(state["path"])
         self._check_schema = False
-        self._group = None
-        self._mem = {}
         self._key_index = {}
         self.manifest = state["manifest"]
         self.layout = CacheLayout.from_dict(self.manifest["layout"])
 
-    @property
-    def group(self) -> zarr.Group:
-        """The open Zarr group (opened read-only on first use in each process)."""
-        if self._group is None:
-            self._group = open_group(self.path, mode="r")
-        return self._group
-
-    def array(self, name: str) -> zarr.Array:
-        """The raw Zarr array ``name`` (see ``docs/cache-format.md``)."""
-        return self.group[name]
-
-    def _load(self, name: str) -> np.ndarray:
-        if name not in self._mem:
-            self._mem[name] = np.asarray(self.group[name][:])
-        return self._mem[name]
-
     # --------------------------------------------------------------------------------------------- properties
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        """The build's fingerprint (what ``require(expect=...)`` compares)."""
-        return self.manifest.get("fingerprint", {})
-
-    @property
-    def complete(self) -> bool:
-        """True once the build finished (the manifest's last write)."""
-        return bool(self.manifest.get("complete"))
-
     @property
     def teacher(self) -> str:
         """Teacher registry name."""

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from mcad_cache.cache.manifest import fingerprint_diff, format_diff, to_jsonable, utc_now
+from mcad_cache.cache.reader import GroupReader
 from mcad_cache.errors import (
     CacheIncompleteError,
     CacheKeyError,
@@ -155,7 +156,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     src.rename(dst)
 
 
-class DerivedReader:
+class DerivedReader(GroupReader):
     """Read access to a derived cache; the members the distill join reads, as ``cache.CacheReader`` names them.
 
     Float outputs are float32 numpy arrays; every array but the features is loaded on first use (features too: a
@@ -169,7 +170,7 @@ class DerivedReader:
         CacheNotFoundError: no derived cache at ``path``.
         CacheSchemaError: another derived schema version, or an array missing / misshapen.
         """
-        self.path = Path(path)
+        self._reset(path)
         manifest = read_manifest(self.path)
         if manifest is None:
             raise CacheNotFoundError(
@@ -183,8 +184,6 @@ class DerivedReader:
         self.manifest = manifest
         lay = dict(manifest["layout"])
         self.layout = DerivedLayout(**lay)
-        self._group: zarr.Group | None = None
-        self._mem: dict[str, np.ndarray] = {}
         self._index: dict[str, dict[str, int]] = {}
         sizes = self.layout.dim_sizes()
         problems = []
@@ -202,29 +201,7 @@ class DerivedReader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"])
 
-    @property
-    def group(self) -> zarr.Group:
-        if self._group is None:
-            self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-        return self._group
-
-    def array(self, name: str) -> zarr.Array:
-        return self.group[name]
-
-    def _load(self, name: str) -> np.ndarray:
-        if name not in self._mem:
-            self._mem[name] = np.asarray(self.group[name][:])
-        return self._mem[name]
-
     # ------------------------------------------------------------------------------------------------ properties
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        return self.manifest.get("fingerprint", {})
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
-
     @property
     def teacher(self) -> str:
         """``"derived:<integration>"``."""
