@@ -61,13 +61,16 @@ def test_ties_broken_by_lower_row_for_any_chunking(gchunk):
                 assert idx[r, j] < idx[r, j + 1]
 
 
-def test_validity_masks_and_k_larger_than_gallery():
+@pytest.mark.parametrize("rescore_margin", [0, 2])
+def test_validity_masks_and_k_larger_than_gallery(rescore_margin):
     gen = torch.Generator().manual_seed(0)
     q, g = _normed(6, 4, gen), _normed(5, 4, gen)
     g[1] = float("nan")  # invalid rows may hold NaN: never returned, never poison other rows
     gv = torch.tensor([True, False, True, True, True])
     qv = torch.tensor([True, True, False, True, True, True])
-    sims, idx = chunked_topk(q, g, k=6, chunk_size=4, gallery_chunk_size=2, query_valid=qv, gallery_valid=gv)
+    sims, idx = chunked_topk(
+        q, g, k=6, chunk_size=4, gallery_chunk_size=2, query_valid=qv, gallery_valid=gv, rescore_margin=rescore_margin
+    )
     ref_sims, ref_idx = _reference(q, torch.nan_to_num(g), 6, gallery_valid=gv)
     ref_idx[2], ref_sims[2] = -1, np.nan
     np.testing.assert_array_equal(idx, ref_idx)

@@ -97,11 +97,12 @@ def chunked_topk(
     out_idx = np.full((n_q, k), -1, dtype=np.int32)
     if rescore_margin < 0:
         raise ValueError(f"rescore_margin must be >= 0, got {rescore_margin}")
-    g64 = torch.where(gv[:, None], g.double().cpu(), torch.zeros((), dtype=torch.float64)).to(dev)
+    # The gallery stays in its own dtype; each block is widened to float64 when used, so peak memory is the gallery
+    # plus one block (a whole float64 copy was 2x a float32 gallery: 2 GB at 1M x 256). Invalid rows may hold NaN:
+    # a similarity column depends on its gallery row only, and invalid columns are set to -inf before any top-k.
+    g_dev = g.to(dev)
     g_invalid = (~gv).to(dev)
-    if rescore_margin:
-        g32 = g64.float()
-        k1 = k + rescore_margin
+    k1 = k + rescore_margin
     for q0 in range(0, n_q, chunk_size):
         q1 = min(q0 + chunk_size, n_q)
         rows = qv[q0:q1].nonzero(as_tuple=True)[0]
@@ -109,14 +110,14 @@ def chunked_topk(
             continue
         qc = q[q0:q1][rows].double().to(dev)
         if rescore_margin:
-            best_v, best_i = _rescored_topk(qc, g64, g32, g_invalid, k=k, k1=k1, gcs=gcs)
+            best_v, best_i = _rescored_topk(qc, g_dev, g_invalid, k=k, k1=k1, gcs=gcs)
             _store(out_sims, out_idx, rows + q0, best_v, best_i)
             continue
         best_v = torch.empty((rows.numel(), 0), dtype=torch.float32, device=dev)
         best_i = torch.empty((rows.numel(), 0), dtype=torch.int64, device=dev)
         for g0 in range(0, n_g, gcs):
             g1 = min(g0 + gcs, n_g)
-            sims = (qc @ g64[g0:g1].T).float()
+            sims = (qc @ g_dev[g0:g1].double().T).float()
             sims.masked_fill_(g_invalid[g0:g1][None, :], float("-inf"))
             v, i = _block_topk(sims, min(k, g1 - g0))
             # Earlier blocks hold lower rows, so a stable sort of [best, block] keeps "ties: lower row first".
@@ -137,17 +138,15 @@ def _store(out_sims: np.ndarray, out_idx: np.ndarray, rows: Tensor, best_v: Tens
     out_idx[sel, :m] = best_i.cpu().numpy().astype(np.int32)
 
 
-def _rescored_topk(
-    qc: Tensor, g64: Tensor, g32: Tensor, g_invalid: Tensor, *, k: int, k1: int, gcs: int
-) -> tuple[Tensor, Tensor]:
+def _rescored_topk(qc: Tensor, g: Tensor, g_invalid: Tensor, *, k: int, k1: int, gcs: int) -> tuple[Tensor, Tensor]:
     """float32 retrieval of k1 candidates per query row, then float64 re-scoring and the deterministic order."""
     q32 = qc.float()
-    n_g = g32.shape[0]
+    n_g = g.shape[0]
     cand_v = torch.empty((qc.shape[0], 0), dtype=torch.float32, device=qc.device)
     cand_i = torch.empty((qc.shape[0], 0), dtype=torch.int64, device=qc.device)
     for g0 in range(0, n_g, gcs):
         g1 = min(g0 + gcs, n_g)
-        sims = q32 @ g32[g0:g1].T
+        sims = q32 @ g[g0:g1].float().T
         sims.masked_fill_(g_invalid[g0:g1][None, :], float("-inf"))
         v, i = torch.topk(sims, min(k1, g1 - g0), dim=1)
         v, i = torch.cat([cand_v, v], dim=1), torch.cat([cand_i, i + g0], dim=1)
@@ -156,7 +155,7 @@ def _rescored_topk(
     out_v, out_i = [], []
     for s in range(0, qc.shape[0], 1024):  # bounded memory for the [r, k1, D] float64 gather
         ci = cand_i[s : s + 1024]
-        exact = torch.einsum("rd,rmd->rm", qc[s : s + 1024], g64[ci]).float()
+        exact = torch.einsum("rd,rmd->rm", qc[s : s + 1024], g[ci].double()).float()
         exact = exact.masked_fill(~torch.isfinite(cand_v[s : s + 1024]) | g_invalid[ci], float("-inf"))
         v, i = _sort_desc_then_index(exact, ci)
         out_v.append(v[:, :k])
