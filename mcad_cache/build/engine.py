@@ -275,43 +275,18 @@ def _run_passes(
     t0 = time.perf_counter()
     single = writer.layout.kind == "single" and supports_itm(teacher)
     tokens = TokenScratch(writer, batch_size=config.batch_size) if single else None  # pass 1 -> 3a (issue 11)
-    pass_image_embeddings(
-        writer,
-        teacher,
-        images=images,
-        batch_size=config.batch_size,
-        device=device,
-        precision=precision,
-        rank=rank,
-        world_size=world,
-        keep_tokens=tokens,
-    )
+    on = {"rank": rank, "world_size": world}  # every pass computes only this rank's units
+    encode = {"images": images, "batch_size": config.batch_size, "device": device, "precision": precision, **on}
+    pass_image_embeddings(writer, teacher, keep_tokens=tokens, **encode)
     sync.wait(writer, ("image_emb",), after="pass 1 (image embeddings)")
     timer.add("pass1_images", t0)
     if writer.layout.num_views:  # issue 16: pass 1v, V augmented views per image (build/views.py)
         t0 = time.perf_counter()
-        pass_view_embeddings(
-            writer,
-            teacher,
-            images=images,
-            batch_size=config.batch_size,
-            device=device,
-            precision=precision,
-            rank=rank,
-            world_size=world,
-        )
+        pass_view_embeddings(writer, teacher, **encode)
         timer.add("pass1v_views", t0)
     t0 = time.perf_counter()
-    pass_text_embeddings(
-        writer,
-        teacher,
-        batch_size=config.batch_size,
-        device=device,
-        precision=precision,
-        progress=progress,
-        rank=rank,
-        world_size=world,
-    )
+    text = {k: v for k, v in encode.items() if k != "images"}
+    pass_text_embeddings(writer, teacher, progress=progress, **text)
     timer.add("pass1_texts", t0)
     t0 = time.perf_counter()
     sync.wait(writer, ("text_emb",), after="pass 1 (text embeddings)")
@@ -323,28 +298,17 @@ def _run_passes(
         force_positive_candidates=config.force_positives,
         device=device,
         progress=progress,
-        rank=rank,
-        world_size=world,
+        **on,
     )
     sync.wait(writer, ("topk_i2t", "topk_t2i"), after="pass 2 (top-k)")
     timer.add("pass2_topk", t0)
-    if writer.layout.kind == "single" and supports_itm(teacher):
+    if single:
         t0 = time.perf_counter()
-        pass_itm_images(
-            writer,
-            teacher,
-            images=images,
-            batch_size=config.batch_size,
-            device=device,
-            precision=precision,
-            rank=rank,
-            world_size=world,
-            tokens=tokens,
-        )
+        pass_itm_images(writer, teacher, tokens=tokens, **encode)
         timer.add("pass3a_itm_images", t0)
         t0 = time.perf_counter()
         sync.wait(writer, ("itm_scratch",), after="pass 3a (ITM images)")
-        pass_itm_texts(writer, progress=progress, rank=rank, world_size=world)
+        pass_itm_texts(writer, progress=progress, **on)
         timer.add("pass3b_itm_texts", t0)
 
 
