@@ -11,6 +11,7 @@ from rich.table import Table
 from mcad_cache.cli.app import app, call_pipeline, progress, setup_logging, user_error
 from mcad_cache.cli.options import (
     CANDIDATES,
+    IN_BATCH,
     PRECISION,
     PRESET,
     REPORT_TO,
@@ -62,7 +63,9 @@ def distill(
     out: Annotated[str, typer.Option(metavar="DIR", help="run directory (resumed when it holds a checkpoint)")] = D.out,
     student: Annotated[str, choice(STUDENT, "student config name or a JSON path")] = D.student,
     preset: Annotated[str, choice(PRESET, "loss preset (mcad-cache list presets)")] = D.preset,
-    k: Annotated[int, typer.Option("--k", metavar="N", help="top-k candidates used (<= the caches' k)")] = D.k,
+    k: Annotated[
+        int, typer.Option("--k", metavar="N", help="top-k candidates used (0 = the caches' k; at most the caches' k)")
+    ] = D.k,
     batch_size: Annotated[int, typer.Option(metavar="N", help="image-caption pairs per step")] = D.batch_size,
     steps: Annotated[int, typer.Option(metavar="N", help="optimiser steps (0 = epochs x steps per epoch)")] = D.steps,
     epochs: Annotated[int, typer.Option(metavar="N", help="passes over the data when --steps is 0")] = D.epochs,
@@ -127,6 +130,16 @@ def distill(
         bool,
         typer.Option("--allow-aug-mismatch/--no-allow-aug-mismatch", help="train on views the cache lacks (warned)"),
     ] = D.allow_aug_mismatch,
+    allow_view_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-view-mismatch/--no-allow-view-mismatch",
+            help="train a student whose resize / crop differs from the teachers' (warned, recorded in the run)",
+        ),
+    ] = D.allow_view_mismatch,
+    in_batch: Annotated[
+        str, choice(IN_BATCH, "under torchrun: in-batch ITC/KD over all ranks' samples (global) or each rank's (rank)")
+    ] = D.in_batch,
     loss: Annotated[
         str, typer.Option(metavar="JSON", help="LossConfig overrides as JSON, e.g. '{\"w_feat\": 0.5}'")
     ] = None,

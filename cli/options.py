@@ -89,6 +89,7 @@ TOPK_BACKEND = RegistryChoice("topk_backends")
 ITM_SCORE = RegistryChoice("itm_scores")
 CANDIDATES = RegistryChoice("candidates")
 REPORT_TO = RegistryChoice("report_to")
+IN_BATCH = RegistryChoice("in_batch")
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_METAVAR = "[auto|cpu|cuda|cuda:N|mps]"
@@ -165,6 +166,7 @@ __all__ = [
     "FORMAT_HELP",
     "FUSED_DTYPE",
     "IMPORTER",
+    "IN_BATCH",
     "ITM_SCORE",
     "PRECISION",
     "PRESET",

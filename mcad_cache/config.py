@@ -75,7 +75,7 @@ class DistillConfig:
     out: str = ".work/runs/student"  # run directory
     student: str = "mobilevitv2_tinybert"  # student config name (student/configs/*.json) or a JSON path
     preset: str = "mcad"  # mcad | contrastive | clip-kd | clip-kd-feat | single-topk
-    k: int = DEFAULT_K  # k' <= cached k candidates used by the top-k distillation
+    k: int = 0  # k' <= cached k candidates used by the top-k distillation (0 = the caches' k, resolved in config.json)
     batch_size: int = 32  # image-caption pairs per step
     steps: int = 0  # optimiser steps; 0 = epochs * steps per epoch
     epochs: int = 1  # passes over the data when steps = 0
@@ -104,6 +104,7 @@ class DistillConfig:
     run_name: str = ""  # name in plots and trackers ("" = the run directory's name)
     augment: str = ""  # augmentation the student asks for: "" = replay the cache's stored views (if any), else a spec
     allow_aug_mismatch: bool = False  # train although the cache holds no views of `augment` (warned and recorded)
+    allow_view_mismatch: bool = False  # train a student whose resize / crop differs from its teachers (warned, kept)
     in_batch: str = "global"  # under DDP, in-batch ITC/KD over all ranks' samples (global) or each rank's own (rank)
 
 

@@ -13,6 +13,7 @@ from mcad_cache.build.fingerprint import TOPK_BACKENDS
 from mcad_cache.cache.schema import EMB_DTYPES, FUSED_DTYPES
 from mcad_cache.data.importers import list_importers
 from mcad_cache.distill.bank import CANDIDATE_MODES
+from mcad_cache.distill.ddp import IN_BATCH_MODES
 from mcad_cache.distill.tracking import REPORT_TO
 from mcad_cache.eval import ITM_SCORES
 from mcad_cache.losses import INTEGRATIONS, PRESETS
@@ -33,6 +34,7 @@ _CHOICES: dict[str, Callable[[], list[str]]] = {
     "itm_scores": lambda: list(ITM_SCORES),
     "candidates": lambda: list(CANDIDATE_MODES),
     "report_to": lambda: list(REPORT_TO),
+    "in_batch": lambda: list(IN_BATCH_MODES),
 }
 LISTABLE = ("teachers", "students", "presets", "integrations", "importers")  # what `mcad-cache list` shows
 

@@ -22,6 +22,7 @@ from mcad_cache.config import DistillConfig
 from mcad_cache.distill import (
     TrainState,
     checkpoint_path,
+    continue_schedule,
     create_distill,
     latest_checkpoint,
     load_checkpoint,
@@ -85,28 +86,37 @@ def _run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]]) -> di
     rank, world = _dist_info()
     is_main = rank == 0
     d = create_distill(config, rank=rank, world_size=world)
+    config = d.config  # k resolved (0 = the caches' k)
     run_dir = Path(config.out)
     model, loss_module = d.model, d.loss_module
 
     if is_main:
         _make_run_dir(run_dir)
-    state, rng_state = TrainState(), None
+    state, rng_state, history = TrainState(), None, None
     latest = latest_checkpoint(run_dir) if config.resume else None
     if latest is not None:
         rd.check_resume_config(run_dir, d.resolved)
-        state, rng_state, _ = load_checkpoint(
+        state, rng_state, extra = load_checkpoint(
             latest, model=model, loss_module=loss_module, optimizer=d.optimizer, scheduler=d.scheduler,
             map_location=d.device, rank=rank, world_size=world, stateful=d.stateful,
         )  # fmt: skip
         if is_main:
-            rd.truncate_metrics(run_dir, state.step)
-        _logger.info(
-            "resuming %s at step %d (epoch %d, batch %d)", run_dir, state.step, state.epoch, state.batch_in_epoch
+            _logger.info(
+                "resumed %s at step %d of %d (epoch %d, sample %d of the epoch)", run_dir, state.step, d.total_steps,
+                state.epoch, state.batch_in_epoch * config.batch_size * world,
+            )  # fmt: skip
+        what = f"--steps {config.steps}" if config.steps > 0 else f"--epochs {config.epochs}"
+        history = continue_schedule(
+            d.scheduler, extra.get("schedule_history"), step=state.step, total_steps=d.total_steps, what=what
         )
+        if is_main:
+            rd.truncate_metrics(run_dir, state.step)
     elif is_main:
         rd.reset_metrics(run_dir)
     if world > 1:  # every rank has read the run dir before rank 0 rewrites config.json
         torch.distributed.barrier()
+    if history is None:  # a fresh run: one schedule entry
+        history = continue_schedule(d.scheduler, None, step=0, total_steps=d.total_steps, what="")
     if is_main:
         rd.write_config(run_dir, d.resolved)
     _logger.info(
@@ -138,6 +148,7 @@ def _run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]]) -> di
             save_checkpoint(
                 checkpoint_path(run_dir, st.step), model=model, loss_module=loss_module, optimizer=d.optimizer,
                 scheduler=d.scheduler, state=st, rank_states=states if world > 1 else None, stateful=d.stateful,
+                extra={"schedule_history": history},
             )  # fmt: skip
             prune_checkpoints(run_dir, keep=KEEP_CHECKPOINTS)
         if world > 1:
@@ -188,6 +199,8 @@ def _run(config: DistillConfig, *, progress: Callable[..., Iterable[Any]]) -> di
             if r is not None
         ],
         "k": config.k,
+        "schedule_history": history,
+        "view_mismatch": d.resolved.get("view_mismatch", []),
         "device": str(d.device),
         "skips": d.report.to_dict() | {"note": "samples read by this session (skipped-over batches included)"},
         "checkpoint": str(final),

@@ -12,6 +12,7 @@ from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.distill.checkpoint import (
     TrainState,
     checkpoint_path,
+    continue_schedule,
     get_rng_state,
     latest_checkpoint,
     load_checkpoint,
@@ -49,6 +50,7 @@ __all__ = [
     "check_cache_data",
     "check_caches_match",
     "checkpoint_path",
+    "continue_schedule",
     "create_distill",
     "create_loss_module",
     "create_optimizer",

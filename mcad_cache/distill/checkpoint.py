@@ -12,6 +12,7 @@ tensors (the candidate bank and its EMA student, ``distill.bank``) is saved besi
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"  # DualEncoder.save's weights file name
 LOSS_FILE = "loss.safetensors"
 STATE_FILE = "train_state.pt"  # written last: a checkpoint folder without it is incomplete
+
+_logger = logging.getLogger(__name__)
 
 
 class Stateful(Protocol):
@@ -207,6 +210,59 @@ def load_checkpoint(
     return TrainState(**blob["train_state"]), blob["rng"], json.loads(blob["extra"])
 
 
+def continue_schedule(
+    scheduler: Any, history: list[dict[str, int]] | None, *, step: int, total_steps: int, what: str
+) -> list[dict[str, int]]:
+    """The LR schedule of a resumed run whose total length changed (``--steps`` / ``--epochs``): extend it, as
+    open_clip, timm and transformers do when a run is resumed with more epochs or steps: the warmup-cosine multiplier
+    (``schedules.warmup_cosine``) is recomputed over the new total from the current step on (the LR jumps from the
+    old curve to the new one; the steps already run keep theirs), and the change is recorded.
+
+    Call after :func:`load_checkpoint`, which restored the old total into the scheduler's multiplier (``LambdaLR``
+    saves a callable's attributes).
+
+    Args:
+        scheduler: the run's ``LambdaLR`` over ``schedules._WarmupCosine`` multipliers (``total_steps``,
+            ``warmup_steps`` attributes).
+        history: the checkpoint's ``extra["schedule_history"]`` (None for a checkpoint written before it existed:
+            one entry is made from the restored multiplier).
+        step: optimiser steps already done.
+        total_steps: the resumed run's total.
+        what: the option that set ``total_steps``, for the message (e.g. ``"--steps 200"``).
+    Returns:
+        ``[{"from_step", "total_steps", "warmup_steps"}, ...]``: steps ``from_step`` + 1 .. the next entry's
+        ``from_step`` ran under a schedule of ``total_steps`` (one entry when the total never changed).
+    Raises:
+        CheckpointError: ``total_steps`` differs and is not above ``step`` (the run would end before the steps it
+            already ran); one line with the fix.
+    """
+    fns = scheduler.lr_lambdas
+    history = [dict(h) for h in history or []] or [
+        {"from_step": 0, "total_steps": int(fns[0].total_steps), "warmup_steps": int(fns[0].warmup_steps)}
+    ]
+    if history[-1]["total_steps"] == total_steps:
+        return history
+    if total_steps <= step:
+        raise CheckpointError(
+            f"the run already ran {step} steps (of {history[-1]['total_steps']}); {what} makes {total_steps}: pass a "
+            f"total above {step} to extend it, or a new --out to start another run"
+        )
+    for fn in fns:
+        fn.total_steps = total_steps
+        fn.warmup_steps = min(fn.warmup_steps, total_steps)
+    groups = scheduler.optimizer.param_groups
+    for group, base, fn in zip(groups, scheduler.base_lrs, fns, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)  # the LR of step `step + 1` on the new curve
+    scheduler._last_lr = [g["lr"] for g in groups]
+    history.append({"from_step": step, "total_steps": total_steps, "warmup_steps": int(fns[0].warmup_steps)})
+    _logger.warning(
+        "schedule extended: steps 1-%d ran under a total of %d, steps %d-%d follow the cosine over %d (LR now %.3g; "
+        "recorded as schedule_history in summary.json)",
+        step, history[-2]["total_steps"], step + 1, total_steps, total_steps, groups[0]["lr"],
+    )  # fmt: skip
+    return history
+
+
 def rank_state(state: TrainState) -> dict[str, Any]:
     """This process's data position and RNG states, for :func:`save_checkpoint`'s ``rank_states``."""
     return {"train_state": asdict(state), "rng": get_rng_state()}
@@ -242,6 +298,7 @@ __all__ = [
     "Stateful",
     "TrainState",
     "checkpoint_path",
+    "continue_schedule",
     "get_rng_state",
     "latest_checkpoint",
     "load_checkpoint",

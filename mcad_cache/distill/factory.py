@@ -38,7 +38,7 @@ from mcad_cache.distill.bank import (
 from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.distill.ddp import create_ddp_step, in_batch_gather
 from mcad_cache.distill.forward import ONLINE_CANDIDATES, CandidateSource, distill_forward
-from mcad_cache.distill.join import CandidateImages, TargetJoiner, open_caches
+from mcad_cache.distill.join import CandidateImages, TargetJoiner, check_student_view, open_caches
 from mcad_cache.distill.optim import create_optimizer
 from mcad_cache.distill.step import step_generator
 from mcad_cache.distill.stream import EpochStream
@@ -74,7 +74,7 @@ class DistillRun:
     """Every component of one distillation run, wired. Attributes are the components; methods are the glue the
     training loop takes (``prepare``, ``forward``)."""
 
-    config: DistillConfig
+    config: DistillConfig  # the run's config, k resolved (resolve_k)
     loss_config: LossConfig
     resolved: dict[str, Any]  # config_to_dict(config) + the resolved LossConfig: what config.json holds
     shards: list[str]
@@ -148,6 +148,35 @@ def _check_config(config: DistillConfig, loss_config: LossConfig) -> None:
         raise ConfigError(f"--bank-ema must be in [0, 1) (0 = no EMA copy), got {config.bank_ema}")
     if config.bank_refresh_every < 0:
         raise ConfigError(f"--bank-refresh-every must be >= 0 (0 = never), got {config.bank_refresh_every}")
+    if config.k < 0:
+        raise ConfigError(f"--k must be >= 0 (0 = the caches' k), got {config.k}")
+
+
+def resolve_k(config: DistillConfig, readers: list[Any]) -> DistillConfig:
+    """``config`` with ``k = 0`` replaced by the smallest k of ``readers`` (the run's caches), so ``config.json``
+    and the summary record the k the run used. An explicit k is kept (``TargetJoiner`` refuses one above a cache's
+    k); with no cache, k stays 0 (no top-k term reads candidates)."""
+    if config.k > 0 or not readers:
+        return config
+    return dataclasses.replace(config, k=min(int(r.k) for r in readers))
+
+
+def check_batch_fits(num_samples: int, *, batch_size: int, world_size: int) -> None:
+    """Refuse a batch (times the ranks) larger than the training data: partial batches are dropped, so no step
+    could run (``RuntimeError`` deep in the loop before; issue 13).
+
+    Raises:
+        ConfigError: one line naming ``--batch-size``, the sample count and the largest batch that fits.
+    """
+    if num_samples >= batch_size * world_size:
+        return
+    fits = num_samples // world_size
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    fix = f"use --batch-size {fits} or less" if fits >= 2 else "use more training samples or fewer ranks"
+    raise ConfigError(
+        f"--batch-size {batch_size}{ranks} is larger than the {num_samples} training samples: a partial batch is "
+        f"dropped, so no step can run; {fix}"
+    )
 
 
 def cpu_budget(config: DistillConfig, *, device: torch.device, world_size: int) -> tuple[int, int]:
@@ -210,10 +239,12 @@ def create_distill(
         rank, world_size: this process's rank and the number of ranks (1 = no DDP).
         wrap_candidate_images: optional wrapper around the ``CandidateImages`` fetcher (benchmarks time it).
     Returns:
-        The :class:`DistillRun`.
+        The :class:`DistillRun`; its ``config`` is ``config`` with ``k = 0`` resolved to the caches' k
+        (:func:`resolve_k`).
     Raises:
-        ConfigError: unknown preset, bad ``--loss`` field, batch size < 2, a precision the device cannot run, too
-            few shards for the ranks and workers, no training step.
+        ConfigError: unknown preset, bad ``--loss`` field, batch size < 2 or larger than the data, a precision the
+            device cannot run, too few shards for the ranks and workers, no training step, a student whose image view
+            differs from the teachers' without ``allow_view_mismatch``.
         CacheSchemaError: a preset that needs a cache kind that is not given, k above a cache's k.
         CacheNotFoundError / CacheIncompleteError / CacheMismatchError / CacheKeyError: missing, partial or foreign
             caches (readable diff, named keys).
@@ -240,7 +271,6 @@ def create_distill(
         raise ConfigError(f"--precision: {err}") from err
     if world_size > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
-    resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
 
     bank_mode = config.candidates == "bank"
     index = None if bank_mode else ShardIndex(shards)  # tar offsets: candidate images by key (online only)
@@ -251,12 +281,9 @@ def create_distill(
         seed=config.seed, shuffle_buffer=config.shuffle_buffer, report=report, rank=rank, world_size=world_size,
     )  # fmt: skip
     keys = index if index is not None else stream.keys
-    if world_size > 1 and len(keys) < world_size * config.batch_size:
-        raise ConfigError(
-            f"{len(keys)} samples for {world_size} ranks x batch {config.batch_size}: every rank needs a batch (a rank "
-            "without data would leave the others waiting in the gradient all-reduce)"
-        )
     clip, single = open_caches(config.cache, shards=shards, index=keys)
+    num_samples = int(clip.image_valid.sum()) if clip is not None else len(keys)
+    check_batch_fits(num_samples, batch_size=config.batch_size, world_size=world_size)  # before any model loads
     if loss_config.required_inputs()["teacher"] and clip is None:
         raise CacheSchemaError(f"preset {config.preset!r} needs a dual-stream (CLIP) cache: pass --cache")
     if loss_config.uses_single_stream and loss_config.w_topk_i2t + loss_config.w_topk_t2i > 0 and single is None:
@@ -264,10 +291,17 @@ def create_distill(
             f"preset {config.preset!r} (integration {loss_config.integration!r}) needs a single-stream (ALBEF/BLIP) "
             "cache: pass a second --cache, or use --preset clip-kd / clip-kd-feat / contrastive"
         )
+    config = resolve_k(config, [r for r in (clip, single) if r is not None])
+    resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = create_student(config.student).to(device)
+    view_mismatch = check_student_view(  # issue 10: KD targets describe the teachers' view of the image
+        (clip, single), model.preprocess_cfg, allow_mismatch=config.allow_view_mismatch
+    )
+    if view_mismatch:
+        resolved["view_mismatch"] = view_mismatch  # recorded in config.json and summary.json
     loss_module = create_loss_module(loss_config, model=model, clip=clip, single=single)
     loss_module.gather = in_batch_gather(config.in_batch, world_size=world_size)  # DDP: in-batch terms over all ranks
     if world_size > 1:
@@ -293,14 +327,10 @@ def create_distill(
             config, model=model, reader=joiner.cand, shards=shards, transform=transform, policy=policy,
             tokenize=tokenize, workers=workers, world_size=world_size,
         )  # fmt: skip
-    num_samples = int(clip.image_valid.sum()) if clip is not None else len(keys)
     steps_per_epoch = num_samples // (config.batch_size * world_size)
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
-        raise ConfigError(
-            f"no training step: {num_samples} samples make {steps_per_epoch} batch(es) of {config.batch_size}; "
-            "lower --batch-size or set --steps"
-        )
+        raise ConfigError(f"no training step: --steps {config.steps} and --epochs {config.epochs}; set either >= 1")
     optimizer = create_optimizer([model, loss_module], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = create_warmup_cosine(
         optimizer, warmup_steps=min(config.warmup_steps, total_steps), total_steps=total_steps
@@ -319,4 +349,12 @@ def _no_transform(image: Any) -> Any:
     return image
 
 
-__all__ = ["DistillRun", "cpu_budget", "create_bank_candidates", "create_distill", "create_loss_module"]
+__all__ = [
+    "DistillRun",
+    "check_batch_fits",
+    "cpu_budget",
+    "create_bank_candidates",
+    "create_distill",
+    "create_loss_module",
+    "resolve_k",
+]

@@ -47,7 +47,7 @@ from mcad_cache.data.identity import shard_records, shard_records_diff
 from mcad_cache.data.index import ShardIndex
 from mcad_cache.distill.batch import DistillBatch
 from mcad_cache.distill.views import ViewTargets
-from mcad_cache.errors import CacheMismatchError, CacheSchemaError, NonFiniteError
+from mcad_cache.errors import CacheMismatchError, CacheSchemaError, ConfigError, NonFiniteError
 from mcad_cache.integrate.derived import DerivedReader, is_derived, open_derived
 from mcad_cache.integrate.parents import VIEW_FIELDS, check_caches_match, parents_diff, teacher_view
 from mcad_cache.losses import LossConfig, TeacherTargets, duplicate_positives
@@ -430,31 +430,41 @@ def check_student_view(
         allow_mismatch: warn and return the differences instead of raising (``--allow-view-mismatch``; the run
             records them).
     Returns:
-        One line per difference (empty: same view).
+        One line per difference, ``"<field>: the teacher of <cache> saw <value>, the student sees <value>"``
+        (empty: same view).
     Raises:
-        CacheMismatchError: a different view without ``allow_mismatch`` (the lines name both sides).
+        ConfigError: a different view without ``allow_mismatch``: one line naming the teachers' and the student's
+            view and the fix (the student's ``resize_mode``, or ``--allow-view-mismatch``).
     """
     fields = tuple(f for f in VIEW_FIELDS if f != "image_size")
-    lines = []
+    lines, teachers = [], {}
     for reader in readers:
         if reader is None:
             continue
         view = reader.view if isinstance(reader, DerivedReader) else teacher_view(reader)
         for name in fields:
             if name in view and view[name] != student_preprocess.get(name):
+                teachers.setdefault(str(reader.path), {f: view.get(f) for f in fields})
                 lines.append(
                     f"{name}: the teacher of {reader.path} saw {view[name]!r}, the student sees "
                     f"{student_preprocess.get(name)!r}"
                 )
     if lines and not allow_mismatch:
-        raise CacheMismatchError(
-            "the student's image view differs from its teachers' (KD targets would describe pixels the student never "
-            "sees):\n  " + "\n  ".join(lines) + "\nset the student's resize_mode to the teachers', or pass "
+        student = {f: student_preprocess.get(f) for f in fields}
+        seen = "; ".join(f"{path} {_view_text(v)}" for path, v in teachers.items())
+        want = next(iter(teachers.values())).get("resize_mode")
+        raise ConfigError(
+            f"the student's image view {_view_text(student)} differs from its teachers' ({seen}): KD targets would "
+            f"describe pixels the student never sees; set the student's resize_mode to {want!r}, or pass "
             "--allow-view-mismatch to train anyway (warned and recorded)"
         )
     for line in lines:
-        _logger.warning("view mismatch allowed: %s", line)
+        _logger.warning("view mismatch allowed (--allow-view-mismatch): %s", line)
     return lines
+
+
+def _view_text(view: Mapping[str, Any]) -> str:
+    return "(" + ", ".join(f"{k}={v!r}" for k, v in view.items()) + ")"
 
 
 def _shard_records(fingerprint: dict[str, Any]) -> list[dict[str, Any]] | None:

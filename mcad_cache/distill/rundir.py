@@ -9,7 +9,7 @@ Layout (``DistillConfig.out``)::
     best/               with --val-data: the student with the best val RSUM + val.json (distill.validation)
     checkpoints/step_N/ resumable checkpoints (distill.checkpoint)
     final/              the student (model.safetensors, student_config.json, tokenizer/) + loss.safetensors
-    summary.json        steps, samples, time, final losses, caches used, skip counts
+    summary.json        steps, samples, time, final losses, caches used, skip counts, schedule_history
 
     eval/               eval results, one file per (student folder, test set): eval_result_path; eval.json = latest
 
@@ -40,10 +40,12 @@ RESUME_FREE_FIELDS = (
     "resume", "workers", "log_every", "checkpoint_every", "device", "threads",
     "report_to", "run_name", "val_data", "eval_every", "early_stopping",  # validation never changes training
 )  # fields that may change on resume  # fmt: skip
+SCHEDULE_FIELDS = ("steps", "epochs")  # may change on resume: the schedule is extended (checkpoint.continue_schedule)
 
 
 def check_resume_config(run_dir: str | Path, resolved: dict[str, Any]) -> None:
-    """Refuse to resume a run dir whose ``config.json`` differs from ``resolved`` outside ``RESUME_FREE_FIELDS``.
+    """Refuse to resume a run dir whose ``config.json`` differs from ``resolved`` outside ``RESUME_FREE_FIELDS`` and
+    ``SCHEDULE_FIELDS`` (a changed total length is checked and recorded by ``checkpoint.continue_schedule``).
 
     Raises:
         CheckpointError: the diff, one line per field.
@@ -56,7 +58,7 @@ def check_resume_config(run_dir: str | Path, resolved: dict[str, Any]) -> None:
     diff = [
         f"{k}: run dir has {saved.get(k)!r}, now {resolved.get(k)!r}"
         for k in sorted(set(saved) | set(resolved))
-        if k not in RESUME_FREE_FIELDS and saved.get(k) != resolved.get(k)
+        if k not in RESUME_FREE_FIELDS + SCHEDULE_FIELDS and saved.get(k) != resolved.get(k)
     ]
     if diff:
         raise CheckpointError(
@@ -194,6 +196,7 @@ __all__ = [
     "FINAL_DIR",
     "METRICS_FILE",
     "RESUME_FREE_FIELDS",
+    "SCHEDULE_FIELDS",
     "STUDENT_CONFIG",
     "SUMMARY_FILE",
     "append_metrics",

@@ -122,7 +122,9 @@ class Validator:
         with torch.random.fork_rng(devices=devices):
             model.eval()
             try:
-                dataset = SampleDataset(self.shards, image_transform=make_image_transform(model.preprocess_cfg))
+                dataset = SampleDataset(  # every val shard: rank 0 validates alone, even under torchrun
+                    self.shards, image_transform=make_image_transform(model.preprocess_cfg), rank=0, world_size=1
+                )
                 loader = DataLoader(
                     dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_samples
                 )
