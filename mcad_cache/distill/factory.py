@@ -243,7 +243,8 @@ def create_distill(
     resolved = config_to_dict(config) | {"loss_config": dataclasses.asdict(loss_config)}
 
     bank_mode = config.candidates == "bank"
-    index = None if bank_mode else ShardIndex(shards)  # tar offsets: candidate images by key (online only)
+    reads_images = "topk_image_emb" in loss_config.required_inputs()["student"]  # candidate images by key
+    index = None if bank_mode else ShardIndex(shards, keys_only=not reads_images)  # tar offsets (online only)
     policy = DecodePolicy()
     report = SkipReport()
     stream = EpochStream(  # the student's transform is set once the student exists
