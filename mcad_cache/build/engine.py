@@ -40,10 +40,10 @@ from mcad_cache.cache.writer import STAGES, CacheWriter, is_cache_dir
 from mcad_cache.config import BuildConfig
 from mcad_cache.data import SKIP_REASONS, DecodePolicy, expand_shards
 from mcad_cache.data.decode import reset_pil_flags
+from mcad_cache.data.tar import shard_sha256
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.truncation import token_lengths, truncation_stats
 from mcad_cache.errors import CacheSchemaError, DataSourceError, OutputPathError
-from mcad_cache.data.tar import shard_sha256
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.teachers.base import Teacher
 

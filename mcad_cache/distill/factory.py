@@ -268,7 +268,7 @@ def create_distill(
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = create_student(config.student).to(device)
+    model = create_student(config.student, image=config.student_image, text=config.student_text).to(device)
     loss_module = create_loss_module(loss_config, model=model, clip=clip, single=single)
     loss_module.gather = in_batch_gather(config.in_batch, world_size=world_size)  # DDP: in-batch terms over all ranks
     if world_size > 1:
