@@ -22,7 +22,7 @@ from mcad_cache.cli.main import app
 from mcad_cache.data.index import ShardIndex
 from mcad_cache.data.tar import expand_shards, is_stream, scan_shard, shard_sha256
 from mcad_cache.distill.chunks import ChunkDataset, iter_chunk_samples
-from mcad_cache.errors import ConfigError
+from mcad_cache.errors import ConfigError, DataSourceError
 from mcad_cache.hashing import file_sha256
 
 runner = CliRunner()
@@ -67,6 +67,8 @@ def test_truncated_stream_is_reported_like_the_file(three_forms, tmp_path):
         assert (stream.cut_key, [m.key for m in stream.members]) == (file.cut_key, [m.key for m in file.members])
     failed = scan_shard(f"pipe:cat {tmp_path / 'missing.tar'}")
     assert failed.unreadable and "exit 1" in failed.error
+    with pytest.raises(DataSourceError, match="missing.tar.*cannot be read to its end"):
+        shard_sha256(f"pipe:cat {tmp_path / 'missing.tar'}")
 
 
 def _verify(shards: list[str], out: Path) -> dict:

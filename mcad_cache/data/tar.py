@@ -38,6 +38,8 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
 from mcad_cache.data.captions import CAPTION_EXTENSIONS
+from mcad_cache.errors import DataSourceError
+from mcad_cache.hashing import file_sha256
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pnm")
 KNOWN_EXTENSIONS: frozenset[str] = frozenset(IMAGE_EXTENSIONS + CAPTION_EXTENSIONS)
@@ -156,19 +158,21 @@ def shard_sha256(spec: str) -> str:
     once through :func:`open_tar_stream` (a ``.tar.gz`` hashes as the ``.tar`` inside it).
 
     Raises:
-        OSError / ValueError: the shard cannot be opened or read to its end.
+        DataSourceError: a stream that cannot be opened or read to its end (a failed ``pipe:`` command, a missing
+            ``.tar.gz``, a broken download); the message names the shard.
     """
     if not is_stream(spec):
-        from mcad_cache.hashing import file_sha256
-
         return file_sha256(spec)
-    f = _TarBytes(spec)
     try:
-        f.drain()
-    except (EOFError, zlib.error) as err:
-        raise OSError(f"{spec}: cannot be read to its end: {type(err).__name__}: {err}") from err
-    finally:
-        f.close()
+        f = _TarBytes(spec)
+        try:
+            f.drain()
+        finally:
+            f.close()
+    except (OSError, ValueError, EOFError, zlib.error) as err:
+        raise DataSourceError(
+            f"shard {spec!r} cannot be read to its end ({type(err).__name__}: {err}); check the path, URL or command"
+        ) from err
     return f.sha.hexdigest()
 
 
