@@ -62,6 +62,20 @@ def distill(
     ] = D.early_stopping,
     out: Annotated[str, typer.Option(metavar="DIR", help="run directory (resumed when it holds a checkpoint)")] = D.out,
     student: Annotated[str, choice(STUDENT, "student config name or a JSON path")] = D.student,
+    student_image: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME|PATH",
+            help="image tower: a timm name (its pretrained weights: Hugging Face cache, or the hub when reachable), "
+            "a timm weights file (.safetensors/.pth; architecture from --student) or a timm save_for_hf folder",
+        ),
+    ] = D.student_image,
+    student_text: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME|PATH", help="text tower: a transformers hub name or a save_pretrained folder (with tokenizer)"
+        ),
+    ] = D.student_text,
     preset: Annotated[str, choice(PRESET, "loss preset (mcad-cache list presets)")] = D.preset,
     k: Annotated[
         int, typer.Option("--k", metavar="N", help="top-k candidates used (0 = the caches' k; at most the caches' k)")

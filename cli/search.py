@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging
+from mcad_cache.cli.options import FORMAT_HELP, Format, print_json, render_rows, stdout
 from mcad_cache.pipelines import search as pipeline
 
 
@@ -46,16 +47,29 @@ def search(
     k: Annotated[int, typer.Option("-k", "--k", help="results")] = 10,
     model: Annotated[str, typer.Option(help="encoder (default: the one the index was built with)")] = "",
     threads: Annotated[int, typer.Option(help="CPU threads of the encoder")] = 1,
+    fmt: Annotated[Format, typer.Option("--format", help=FORMAT_HELP)] = Format.table,
 ) -> None:
-    """Print the top-k indexed images for a text (or --image) query, with keys, captions and cosine scores."""
+    """Print the top-k indexed images for a text (or --image) query, with keys, captions and cosine scores (stdout;
+    --format json prints the whole result: query, results, timing)."""
     r = call_pipeline(pipeline.search, index_dir, text=query, image=image, k=k, model=model, threads=threads)
     t = r["timing_ms"]
-    table = Table(title=f"{r['query']}  (encode {t['encode']:.1f} ms, search {t['search']:.2f} ms)")
-    for col, justify in (("rank", "right"), ("score", "right"), ("key", "left"), ("captions", "left")):
-        table.add_column(col, justify=justify, overflow="fold")
-    for row in r["results"]:
-        table.add_row(str(row["rank"]), f"{row['score']:.4f}", row["key"], " | ".join(row["captions"]))
-    console.print(table)
+    title = f"{r['query']}  (encode {t['encode']:.1f} ms, search {t['search']:.2f} ms)"
+    rows = [
+        {"rank": x["rank"], "score": f"{x['score']:.4f}", "key": x["key"], "captions": " | ".join(x["captions"])}
+        for x in r["results"]
+    ]
+    if fmt is Format.json:
+        print_json(r)
+    elif fmt is Format.table:
+        table = Table(title=title)
+        for col, justify in (("rank", "right"), ("score", "right"), ("key", "left"), ("captions", "left")):
+            table.add_column(col, justify=justify, overflow="fold")
+        for row in rows:
+            table.add_row(str(row["rank"]), row["score"], row["key"], row["captions"])
+        stdout.print(table)
+    else:
+        console.print(title, highlight=False, soft_wrap=True)
+        render_rows(rows, ["rank", "score", "key", "captions"], fmt)
 
 
 @app.command("serve")

@@ -74,6 +74,8 @@ class DistillConfig:
     data: tuple[str, ...] = ()  # training shards (the same data the caches were built on)
     out: str = ".work/runs/student"  # run directory
     student: str = "mobilevitv2_tinybert"  # student config name (student/configs/*.json) or a JSON path
+    student_image: str = ""  # image tower by timm name, weights file or timm folder ("" = the student config's)
+    student_text: str = ""  # text tower by transformers name or save_pretrained folder ("" = the student config's)
     preset: str = "mcad"  # mcad | contrastive | clip-kd | clip-kd-feat | single-topk
     k: int = 0  # k' <= cached k candidates used by the top-k distillation (0 = the caches' k, resolved in config.json)
     batch_size: int = 32  # image-caption pairs per step

@@ -3,6 +3,7 @@ search commands on an ONNX export of the tiny student (gallery images find thems
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 
@@ -119,6 +120,23 @@ def test_search_cli_text_and_image(built, tmp_path):
         assert result.exit_code == 0, result.output
         cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines() if "│" in line]
         assert [c[2] for c in cells if c[0] == "1"] == [key], result.output
+
+
+def test_search_cli_format_json_csv_md(built):
+    _, _, _, index = built
+    table = runner.invoke(app, ["search", str(index), "a red dog", "-k", "3"])
+    result = runner.invoke(app, ["search", str(index), "a red dog", "-k", "3", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    parsed = json.loads(result.stdout)
+    assert parsed["query"] == "a red dog" and [r["rank"] for r in parsed["results"]] == [1, 2, 3]
+    assert all(r["key"] in table.stdout for r in parsed["results"])  # the table shows the same keys
+    csv_out = runner.invoke(app, ["search", str(index), "a red dog", "-k", "3", "--format", "csv"]).stdout
+    rows = list(csv.DictReader(io.StringIO(csv_out)))
+    assert [r["key"] for r in rows] == [r["key"] for r in parsed["results"]]
+    assert [float(r["score"]) for r in rows] == [round(r["score"], 4) for r in parsed["results"]]
+    md = runner.invoke(app, ["search", str(index), "a red dog", "-k", "3", "--format", "md"]).stdout
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header == ["rank", "score", "key", "captions"] and len(md.splitlines()) == 5  # header, rule, 3 rows
 
 
 def test_search_cli_errors_are_one_line(built, tmp_path):

@@ -40,10 +40,10 @@ from mcad_cache.cache.writer import STAGES, CacheWriter, is_cache_dir
 from mcad_cache.config import BuildConfig
 from mcad_cache.data import SKIP_REASONS, DecodePolicy, expand_shards
 from mcad_cache.data.decode import reset_pil_flags
+from mcad_cache.data.tar import shard_sha256
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.truncation import token_lengths, truncation_stats
 from mcad_cache.errors import CacheSchemaError, DataSourceError, OutputPathError
-from mcad_cache.hashing import file_sha256
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.teachers.base import Teacher
 
@@ -161,7 +161,7 @@ def build_cache(
     source = open_candidate_source(config.candidate_source, k=config.k)
     policy = DecodePolicy()
     t0 = time.perf_counter()
-    hashes = [file_sha256(s) for s in progress(shards, "hashing shards", len(shards))]
+    hashes = [shard_sha256(s) for s in progress(shards, "hashing shards", len(shards))]
     timer.add("hash", t0)
     fingerprint = build_fingerprint(
         teacher,

@@ -5,6 +5,11 @@ names each split's first shard ``shard-000000.tar``, so names alone confuse the 
 or the same split of two imports. For messages each shard also carries its path relative to its **data root**: the
 nearest folder above it that holds an importer's ``index.json`` (so ``train/shard-000000.tar`` and
 ``test/shard-000000.tar`` stay apart), else the shards' common folder. Our choice.
+
+A stream shard (``pipe:``, ``http(s)://``, ``.tar.gz``; ``data.tar.is_stream``) is identified by the sha256 of its
+uncompressed tar bytes, read once more for the hash (``data.tar.shard_sha256``): ``pipe:cat shard.tar`` and
+``shard.tar.gz`` match a cache built on ``shard.tar``. Its recorded ``path`` is the URL as given (a local
+``.tar.gz`` is a file and gets a relative path like any shard).
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mcad_cache.hashing import file_sha256
+from mcad_cache.data.tar import is_stream, shard_sha256
 
 INDEX_FILE = "index.json"  # written by every importer at the root of its output (mcad_cache.data.importers)
 _ROOT_SEARCH_LEVELS = 3  # folders above the common folder searched for an index.json (OUT/<split>/shard: 1 level)
+
+
+def _is_remote(spec: str) -> bool:
+    """A stream that is not a local file (``pipe:``, ``http(s)://``, ...)."""
+    return is_stream(spec) and not os.path.exists(spec)
 
 
 def _index_root(path: Path) -> Path | None:
@@ -40,14 +50,19 @@ def data_root(shards: Sequence[str | os.PathLike[str]]) -> Path:
     """
     if not shards:
         raise ValueError("data_root needs at least one shard path")
-    paths = [os.path.abspath(os.fspath(s)) for s in shards]
+    local = [os.fspath(s) for s in shards if not _is_remote(os.fspath(s))]
+    if not local:  # only URLs: they are recorded as given
+        return Path.cwd()
+    paths = [os.path.abspath(s) for s in local]
     common = Path(os.path.commonpath(paths))
     return common.parent if len(paths) == 1 or common.is_file() else common
 
 
 def shard_path(shard: str | os.PathLike[str], *, fallback_root: Path) -> str:
     """``shard``'s path relative to its import's root (the folder of the nearest ``index.json`` above it, so
-    ``train/shard-000000.tar``), else relative to ``fallback_root``; POSIX separators."""
+    ``train/shard-000000.tar``), else relative to ``fallback_root``; POSIX separators. A URL stays as given."""
+    if _is_remote(os.fspath(shard)):
+        return os.fspath(shard)
     path = Path(os.path.abspath(os.fspath(shard)))
     root = _index_root(path) or fallback_root
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
@@ -59,7 +74,7 @@ def shard_records(shards: Sequence[str], hashes: Sequence[str] | None = None) ->
     Args:
         shards: shard file paths; hashes: their sha256 in the same order (computed when ``None``).
     """
-    hashes = list(hashes) if hashes is not None else [file_sha256(s) for s in shards]
+    hashes = list(hashes) if hashes is not None else [shard_sha256(s) for s in shards]
     if not shards:
         return []
     root = data_root(shards)

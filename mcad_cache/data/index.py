@@ -1,5 +1,9 @@
 """Random access to samples by key: :class:`ShardIndex` maps every ``__key__`` to its tar members (from
 :func:`mcad_cache.data.tar.scan_shard`'s headers) so that training can fetch a candidate image by id.
+
+Random access needs seekable files: a stream shard (``pipe:``, ``http(s)://``, ``.tar.gz``; ``data.tar.is_stream``)
+is refused with one line, unless the index is built for its keys only (``keys_only=True``: which keys the shards hold,
+e.g. to check a cache against them), when streams are read once, headers only.
 """
 
 from __future__ import annotations
@@ -10,9 +14,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mcad_cache.data.captions import CAPTION_EXTENSIONS, parse_captions
-from mcad_cache.data.tar import IMAGE_EXTENSIONS, Member, ShardScan, expand_shards, scan_shard
+from mcad_cache.data.tar import IMAGE_EXTENSIONS, Member, ShardScan, expand_shards, is_stream, scan_shard
+from mcad_cache.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
+
+
+def stream_refusal(shard: str, count: int) -> str:
+    """The one line that says random access cannot read a stream shard, and what to do instead."""
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    return (
+        f"shard {shard!r}{more} is a stream (pipe:, http(s):// or .tar.gz); reading samples by key (distill "
+        "--candidates online, search serve) needs seekable local uncompressed .tar shards: use distill --candidates "
+        "bank, or unpack the shards to .tar files"
+    )
 
 
 @dataclass(frozen=True)
@@ -32,17 +47,24 @@ class ShardIndex:
 
     Args:
         shards: shard paths, globs or brace patterns (see :func:`mcad_cache.data.tar.expand_shards`).
+        keys_only: the index answers ``in`` / ``keys()`` only; stream shards are allowed (read once, headers only)
+            and reading a member raises ``ConfigError``.
     Raises:
         ValueError: no shard matches the patterns.
+        ConfigError: a stream shard without ``keys_only`` (random access needs local uncompressed ``.tar`` files).
     """
 
-    def __init__(self, shards: str | Iterable[str]) -> None:
+    def __init__(self, shards: str | Iterable[str], *, keys_only: bool = False) -> None:
         self.shards: list[str] = expand_shards(shards)
+        streams = [s for s in self.shards if is_stream(s)]
+        if streams and not keys_only:
+            raise ConfigError(stream_refusal(streams[0], len(streams)))
+        self.keys_only = keys_only
         self._entries: dict[str, IndexEntry] = {}
         self.duplicates: list[tuple[str, str]] = []  # (key, shard) of ignored later occurrences
         self.scans: dict[str, ShardScan] = {}
         for shard in self.shards:
-            scan = scan_shard(shard)
+            scan = scan_shard(shard, keep_data=False)
             self.scans[shard] = scan
             local: dict[str, dict[str, Member]] = {}
             for m in scan.members:
@@ -74,6 +96,8 @@ class ShardIndex:
             raise KeyError(f"sample key {key!r} is not in the {len(self.shards)} indexed shard(s)") from None
 
     def _read(self, shard: str, member: Member) -> bytes:
+        if is_stream(shard):
+            raise ConfigError(stream_refusal(shard, 1))
         if os.getpid() != self._pid:  # forked worker: do not share file offsets with the parent
             self._handles, self._pid = {}, os.getpid()
         f = self._handles.get(shard)

@@ -216,7 +216,7 @@ def first_owner_of_keys(shards: Iterable[str]) -> dict[str, str]:
     """Map every key to the first shard (in the given order) that holds it, from tar headers only."""
     owner: dict[str, str] = {}
     for shard in shards:
-        for m in scan_shard(shard).members:
+        for m in scan_shard(shard, keep_data=False).members:
             if m.key is not None:
                 owner.setdefault(m.key, shard)
     return owner

@@ -101,7 +101,7 @@ def demo_student(config: DemoConfig, work: Path, *, teachers: TeachersConfig) ->
     if config.student:
         return config.student
     path = work / "student.json"
-    overrides = packaged_pretrained_overrides(work / "weights")
+    overrides = packaged_pretrained_overrides((work / "weights").resolve())  # absolute: the JSON moves with no CWD
     spec = {
         **json.loads(Path(STUDENT_CONFIG_DIR / "minilm_efficientnet.json").read_text()),
         **overrides,

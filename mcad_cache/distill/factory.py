@@ -273,7 +273,8 @@ def create_distill(
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
 
     bank_mode = config.candidates == "bank"
-    index = None if bank_mode else ShardIndex(shards)  # tar offsets: candidate images by key (online only)
+    reads_images = "topk_image_emb" in loss_config.required_inputs()["student"]  # candidate images by key
+    index = None if bank_mode else ShardIndex(shards, keys_only=not reads_images)  # tar offsets (online only)
     policy = DecodePolicy()
     report = SkipReport()
     stream = EpochStream(  # the student's transform is set once the student exists
@@ -296,7 +297,7 @@ def create_distill(
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = create_student(config.student).to(device)
+    model = create_student(config.student, image=config.student_image, text=config.student_text).to(device)
     view_mismatch = check_student_view(  # issue 10: KD targets describe the teachers' view of the image
         (clip, single), model.preprocess_cfg, allow_mismatch=config.allow_view_mismatch
     )

@@ -494,7 +494,7 @@ def check_cache_data(
                 f"{reader.path}: the cache was built on other data than the run's shards; rebuild it on these shards "
                 "or pass the shards it was built on:\n  " + "\n  ".join(lines)
             )
-    index = index if index is not None else ShardIndex(shards)
+    index = index if index is not None else ShardIndex(shards, keys_only=True)
     missing = [str(k) for k in reader.image_keys.tolist() if str(k) not in index]
     if missing:
         raise CacheMismatchError(

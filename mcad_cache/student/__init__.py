@@ -13,6 +13,7 @@ from typing import Any
 
 from mcad_cache.errors import UnknownModelError
 from mcad_cache.student.model import DualEncoder, StudentConfig, default_tokenizer_dir
+from mcad_cache.student.weights import resolve_relative_paths, tower_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -22,15 +23,21 @@ def list_students() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def get_student_config(name_or_json_path: str | Path, **overrides: Any) -> StudentConfig:
-    """Resolve a student config: the registered JSON (or a JSON file path), then ``overrides``.
+def get_student_config(
+    name_or_json_path: str | Path, *, image: str = "", text: str = "", **overrides: Any
+) -> StudentConfig:
+    """Resolve a student config: the registered JSON (or a JSON file path), then the towers ``image`` / ``text`` by
+    name or path (``student.weights.tower_overrides``: ``--student-image`` / ``--student-text``), then ``overrides``.
 
-    ``None`` overrides are dropped (the config's own value stays). Dict-valued fields (``text_config``,
-    ``image_model_kwargs``) are merged key by key into the file's dict; other fields are replaced.
+    Relative paths in the JSON (``image_pretrained``, ``text_model``, ``tokenizer``) are relative to the JSON file's
+    folder, not the working directory (``student.weights.resolve_relative_paths``). ``None`` overrides are dropped
+    (the config's own value stays). Dict-valued fields (``text_config``, ``image_model_kwargs``) are merged key by key
+    into the file's dict; other fields are replaced.
 
     Raises:
         UnknownModelError: not a registered key and not an existing ``.json`` file; lists ``list_students()``.
         ValueError: an unknown field or a bad value.
+        InputPathError: ``image`` / ``text`` names a path that does not exist (or the wrong kind of path).
     """
     spec = str(name_or_json_path)
     path = CONFIG_DIR / f"{spec}.json"
@@ -43,9 +50,9 @@ def get_student_config(name_or_json_path: str | Path, **overrides: Any) -> Stude
                 f"unknown student {spec!r}: not a registered config nor a JSON file; "
                 f"known students: {', '.join(list_students())}"
             )
-    values = json.loads(path.read_text())
+    values = resolve_relative_paths(json.loads(path.read_text()), path.resolve().parent)
     values.setdefault("name", path.stem)
-    for key, value in overrides.items():
+    for key, value in {**tower_overrides(image, text), **overrides}.items():
         if value is None:
             continue
         if isinstance(value, dict) and isinstance(values.get(key), dict):
@@ -55,19 +62,21 @@ def get_student_config(name_or_json_path: str | Path, **overrides: Any) -> Stude
     return StudentConfig.from_dict(values)
 
 
-def create_student(name_or_json_path: str | Path, **overrides: Any) -> DualEncoder:
+def create_student(name_or_json_path: str | Path, *, image: str = "", text: str = "", **overrides: Any) -> DualEncoder:
     """Build a student ``DualEncoder`` from a registered config name or a JSON path, with field overrides.
 
     Example: ``create_student("tiny")``, ``create_student("mobilevitv2_tinybert", embed_dim=512,
-    image_pretrained="mobilevitv2_050.safetensors")``. Pretrained weights load only from local files / folders named
-    in the config; nothing is downloaded unless ``text_model`` is a hub name.
+    image_pretrained="mobilevitv2_050.safetensors")``, ``create_student("tiny", image="mobilevitv2_050",
+    text="huawei-noah/TinyBERT_General_4L_312D")`` (towers by name or path, as ``get_student_config``). Hub names
+    load from the Hugging Face cache, or from the hub when it can be reached (``student.weights.hub_guard``).
 
     Raises:
         UnknownModelError: unknown name (message lists ``list_students()``).
         ValueError: bad field name or value.
         FileNotFoundError: a named weights file or tokenizer folder does not exist.
+        InputPathError: a tower path that does not exist, or a hub name neither cached nor reachable (one line).
     """
-    return DualEncoder(get_student_config(name_or_json_path, **overrides))
+    return DualEncoder(get_student_config(name_or_json_path, image=image, text=text, **overrides))
 
 
 def load_student(path: str | Path, *, map_location: str = "cpu") -> DualEncoder:

@@ -5,10 +5,13 @@ Shape letters follow STYLE.md: B batch, L tokens, D shared embedding size, F_img
 Architecture (MCAD, arXiv 2310.19654, trains MobileViTv2 + TinyBERT-sized students; the exact widths are ours):
 
 - image tower: any timm model by its unchanged name, built with ``num_classes=0`` so ``model(x)`` returns the pooled
-  features ``[B, F_img]``. Pretrained weights only from a local file (``image_pretrained``), never from a hub.
+  features ``[B, F_img]``. Pretrained weights from a local file (``image_pretrained``), or timm's own
+  (``image_pretrained: true``: a registry name's weights from the Hugging Face cache / hub, an ``hf-hub:`` repo or a
+  ``local-dir:`` folder; ``student/weights.py``).
 - text tower: any transformers encoder (``AutoModel``), either built from a config dict (default: a TinyBERT-sized
-  BERT) or loaded from a local folder / hub name. Pooled by the [CLS] state (BERT, CLIP-style text towers) or by the
-  attention-masked mean of the token states (sentence-transformers models such as all-MiniLM-L6-v2).
+  BERT) or loaded from a local folder / hub name (the hub only when reachable, ``student/weights.py``). Pooled by the
+  [CLS] state (BERT, CLIP-style text towers) or by the attention-masked mean of the token states
+  (sentence-transformers models such as all-MiniLM-L6-v2).
 - projections: ``Linear(F_img, D, bias=False)`` and ``Linear(F_txt, D, bias=False)`` (open_clip's ``text_projection``
   is bias-free too), then L2 normalisation.
 - ``log_logit_scale``: learnable, initialised to log(1 / 0.07) and read through a clamp at log(100), as CLIP
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcad_cache.errors import CheckpointError
+from mcad_cache.student.weights import hub_guard
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ CONFIG_FILE = "student_config.json"
 TOKENIZER_DIR = "tokenizer"
 TEXT_POOLS = ("cls", "mean")
 BN_STATS = ("auto", "frozen", "train")
+_TEXT = "student text tower (--student-text / text_model)"  # names the tower in a failed hub load
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class StudentConfig:
     name: str = "custom"  # registry key or a free label; written into checkpoints
     # --- image tower (timm) ---
     image_model: str = "mobilevitv2_050"  # timm model name, unchanged (e.g. mobilevitv2_050, efficientnet_lite0)
-    image_pretrained: str = ""  # local timm weights file (.safetensors / .pth); "" = random init
+    image_pretrained: str | bool = ""  # timm weights file (.safetensors / .pth); true = timm's own; ""/false = random
     image_model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     image_size: int = 256  # input side in pixels (square)
     resize_mode: str = "shortest"  # preprocess resize: shortest (+ centre crop) | squash | longest (+ pad)
@@ -138,12 +143,25 @@ def _build_image_tower(cfg: StudentConfig, *, load_weights: bool) -> nn.Module:
 
     kwargs = dict(cfg.image_model_kwargs)
     pretrained = bool(load_weights and cfg.image_pretrained)
+    if pretrained and cfg.image_pretrained is True:  # timm's own weights: registry name, hf-hub: or local-dir:
+        if cfg.image_model.startswith("local-dir:"):
+            return timm.create_model(cfg.image_model, pretrained=True, num_classes=0, **kwargs)
+        with hub_guard("student image tower (--student-image / image_model)", cfg.image_model):
+            return timm.create_model(cfg.image_model, pretrained=True, num_classes=0, **kwargs)
     if pretrained:
-        path = Path(cfg.image_pretrained)
+        path = Path(str(cfg.image_pretrained))
         if not path.is_file():
             raise FileNotFoundError(f"image_pretrained: no weights file at {path}")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     return timm.create_model(cfg.image_model, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(source)``: a local folder directly, a hub name under :func:`hub_guard`."""
+    if Path(source).is_dir():
+        return loader.from_pretrained(source, **kwargs)
+    with hub_guard(what, source):
+        return loader.from_pretrained(source, **kwargs)
 
 
 def _build_text_tower(cfg: StudentConfig, *, load_weights: bool) -> nn.Module:
@@ -151,9 +169,10 @@ def _build_text_tower(cfg: StudentConfig, *, load_weights: bool) -> nn.Module:
 
     if cfg.text_model and load_weights and cfg.text_pretrained:
         # Config overrides such as num_hidden_layers=3 keep the first layers' pretrained weights (transformers).
-        model = AutoModel.from_pretrained(cfg.text_model, **cfg.text_model_kwargs)
+        model = _from_pretrained(AutoModel, cfg.text_model, _TEXT, **cfg.text_model_kwargs)
     elif cfg.text_model:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(cfg.text_model, **cfg.text_model_kwargs))
+        text_config = _from_pretrained(AutoConfig, cfg.text_model, _TEXT, **cfg.text_model_kwargs)
+        model = AutoModel.from_config(text_config)
     else:
         values = dict(cfg.text_config)
         model = AutoModel.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
@@ -253,7 +272,7 @@ class DualEncoder(nn.Module):
             from transformers import AutoTokenizer
 
             source = self.config.tokenizer or self.config.text_model or default_tokenizer_dir()
-            self._tokenizer = AutoTokenizer.from_pretrained(source)
+            self._tokenizer = _from_pretrained(AutoTokenizer, source, "student tokenizer")
             vocab = getattr(self.text_tower.config, "vocab_size", None)
             if vocab is not None and len(self._tokenizer) > vocab:
                 raise ValueError(f"tokenizer at {source} has {len(self._tokenizer)} tokens, the text tower {vocab}")
@@ -381,8 +400,13 @@ class DualEncoder(nn.Module):
         text_config = self.text_tower.config.to_diff_dict()
         for key in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
             text_config.pop(key, None)
+        image: dict[str, Any] = {}
+        if ":" in self.config.image_model:  # hf-hub: / local-dir: -> the architecture and the preprocessing it set
+            pcfg = self._preprocess_cfg
+            image = {"image_model": self.image_tower.pretrained_cfg["architecture"], "image_mean": tuple(pcfg["mean"]),
+                     "image_std": tuple(pcfg["std"]), "interpolation": pcfg["interpolation"]}  # fmt: skip
         return dataclasses.replace(
-            self.config, image_pretrained="", text_model="", text_model_kwargs={}, text_config=text_config,
+            self.config, image_pretrained="", text_model="", text_model_kwargs={}, text_config=text_config, **image,
             bn_stats="frozen" if self.freeze_bn_stats else "train",  # the resolved choice survives the reload
         )  # fmt: skip
 
