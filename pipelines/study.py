@@ -34,7 +34,7 @@ from mcad_cache.errors import ConfigError
 from mcad_cache.eval import encode_retrieval_set, evaluate_dual
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.study import RunSpec, StudyPlan, run_study, summarise_study, write_study
-from mcad_cache.study.arms import arm_config, parse_arm, parse_arms
+from mcad_cache.study.arms import Arm, arm_config, arm_name, parse_arm, parse_arms
 from mcad_cache.study.config import StudyConfig
 from mcad_cache.study.frozen import FeatureTable, evaluate_frozen, train_frozen
 from mcad_cache.study.tables import frozen_tables, replays_views, stored_views
@@ -54,18 +54,19 @@ def plan_of(config: StudyConfig) -> StudyPlan:
     """
     if config.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1 (paired seeds 0 .. N-1), got {config.seeds}")
+    names = tuple(a.name for a in parse_arms(config.presets))
     return StudyPlan(
-        presets=tuple(a.name for a in parse_arms(config.presets)),
+        presets=names,
         seeds=tuple(range(config.seeds)),
-        target=config.target,
-        baseline=config.baseline,
+        target=arm_name(config.target, names),
+        baseline=arm_name(config.baseline, names),
         single_teacher=tuple(config.single_teacher),
     )
 
 
-def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str) -> DistillConfig:
-    """The ``DistillConfig`` of one run: the study's shared settings plus the arm ``preset`` (a preset, or a preset
-    with overrides: ``study.arms``), the paired seed and the folder.
+def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str, arm: Arm | None = None) -> DistillConfig:
+    """The ``DistillConfig`` of one run: the study's shared settings plus the arm (``arm``, else the entry ``preset``:
+    a preset, or a preset with overrides, ``study.arms``), the paired seed and the folder.
 
     Raises:
         ConfigError: a bad arm.
@@ -78,7 +79,7 @@ def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str) -> 
         shuffle_buffer=config.shuffle_buffer, log_every=config.log_every, resume=False, threads=config.threads,
         loss=dict(config.loss),
     )  # fmt: skip
-    return arm_config(base, parse_arm(preset))
+    return arm_config(base, arm if arm is not None else parse_arm(preset))
 
 
 def study_context(config: StudyConfig) -> dict[str, Any]:
@@ -208,12 +209,12 @@ def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str,
     t0 = time.perf_counter()
     test = TestSet(expand_shards(config.test), batch_size=config.eval_batch_size, workers=config.workers)
 
-    configs = {a: distill_config(config, preset=a, seed=0, out="") for a in arms}
+    configs = {name: distill_config(config, preset=name, seed=0, out="", arm=a) for name, a in arms.items()}
     views = config.frozen_towers and replays_views(list(configs.values()), stored_views(config.cache))
     tables = frozen_tables(config, out, views=views, progress=progress) if config.frozen_towers else {}
 
     def run_one(spec: RunSpec) -> dict[str, Any]:
-        cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir))
+        cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir), arm=arms[spec.preset])
         n = arms[spec.preset].views
         return train_and_evaluate_frozen(cfg, tables, views=n) if tables else train_and_evaluate(cfg, test, views=n)
 

@@ -258,3 +258,40 @@ def test_study_pair_one_view_vs_four_views_end_to_end(view_world, tmp_path):
     with pytest.raises(ConfigError, match="views=3"):
         study.run(_cfg(view_world, tmp_path / "s3", frozen_towers=False, presets=("contrastive", "clip-kd@views=3"),
                        target="clip-kd@views=3", seeds=1, steps=1))  # fmt: skip
+
+
+def test_cli_study_arms_and_format(view_world, tmp_path):
+    """Arms through the real CLI; --format json parses (the summary), csv / md give one row per arm on stdout, with
+    the logs and headline on stderr; a bad arm is one line, exit 1."""
+    import csv
+    import io
+
+    from typer.testing import CliRunner
+
+    from mcad_cache.cli.main import app
+
+    args = ["study", "--cache", view_world["cache"], "--out", str(tmp_path / "s"), "--frozen-towers"]
+    args += [a for s in view_world["shards"] for a in ("--data", s, "--test", s)]
+    args += ["--student", "tiny", "--k", "3", "--batch-size", "4", "--steps", "2", "--warmup-steps", "1"]
+    args += ["--workers", "0", "--device", "cpu", "--seeds", "2", "--target", "one=clip-kd@views=1"]
+    args += ["--arm", "contrastive", "--preset", "one=clip-kd@views=1"]
+    res = CliRunner().invoke(app, [*args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["arms"]["one"]["views"] == 1 and "one vs contrastive: Δ RSUM" in res.stderr
+    assert "Δ RSUM" not in res.stdout.replace(json.dumps(summary["headline"][0])[1:-1], "")
+    rows = {}
+    for fmt in ("csv", "md"):
+        res = CliRunner().invoke(app, [*args, "--format", fmt])  # every run reused
+        assert res.exit_code == 0, res.output
+        rows[fmt] = res.stdout
+    table = list(csv.DictReader(io.StringIO(rows["csv"])))
+    assert [r["arm"] for r in table] == ["contrastive", "one"]
+    comp = summary["comparisons"][0]
+    assert float(table[0]["delta"]) == pytest.approx(comp["mean_delta"], abs=0.006) and table[1]["delta"] == ""
+    assert float(table[1]["rsum_mean"]) == pytest.approx(
+        summary["presets"]["one"]["metrics"]["rsum"]["mean"], abs=0.006
+    )
+    assert rows["md"].startswith("| arm") and rows["md"].count("\n") >= 3
+    res = CliRunner().invoke(app, [*args[:-6], "--arm", "clip-kd@batch_size=2"])
+    assert res.exit_code == 1 and "unknown key 'batch_size'" in res.output and "Traceback" not in res.output

@@ -156,6 +156,17 @@ def parse_arms(entries: typing.Iterable[str]) -> list[Arm]:
     return arms
 
 
+def arm_name(entry: str, names: typing.Sequence[str]) -> str:
+    """The arm ``entry`` refers to among ``names``: itself when it is a name, else the name of the arm it spells (a
+    labelled entry ``LABEL=PRESET@...`` given in full names ``LABEL``); unparseable entries are returned as given."""
+    if entry in names:
+        return entry
+    try:
+        return parse_arm(entry).name
+    except ConfigError:
+        return entry
+
+
 def arm_config(base: DistillConfig, arm: Arm) -> DistillConfig:
     """``base`` (the study's shared settings, seed and folder) with the arm's preset and overrides: the arm's loss
     fields on top of ``base.loss``; ``views=1`` sets ``augment="none"``, ``views>1`` replays (``augment=""``)."""
@@ -165,4 +176,4 @@ def arm_config(base: DistillConfig, arm: Arm) -> DistillConfig:
     return dataclasses.replace(base, preset=arm.preset, loss={**base.loss, **arm.loss}, **run)
 
 
-__all__ = ["ARM_RUN_FIELDS", "SYNTAX", "VIEWS_KEY", "Arm", "arm_config", "parse_arm", "parse_arms"]
+__all__ = ["ARM_RUN_FIELDS", "SYNTAX", "VIEWS_KEY", "Arm", "arm_config", "arm_name", "parse_arm", "parse_arms"]

@@ -211,7 +211,8 @@ def encode_frozen(
     captions: list[list[str]] = []
     feats: list[Tensor] = []
     with autocast(device, precision):
-        for batch in progress(loader, f"{description}: images", None):
+        batches = (b for b in loader)  # no len(): the shards' sample count is not known before reading them
+        for batch in progress(batches, f"{description}: images", None):
             for item in batch.get("skipped") or []:
                 raise DataError(item["skip"], shard=item.get("shard"), key=item.get("key"), detail="frozen towers")
             if not batch["key"]:
