@@ -8,7 +8,32 @@ from typing import Annotated
 import typer
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging, user_error
+from mcad_cache.cli.options import FORMAT_HELP, Format, print_json, render_rows
 from mcad_cache.config import load_config
+
+ROW_COLUMNS = ("arm", "runs", "rsum_mean", "rsum_std", "delta", "ci_low", "ci_high", "wilcoxon_p", "holm_p", "mde")
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """One row per arm: mean ± std RSUM over its seeds and its paired Δ against the target (the target's row has no
+    Δ), in the study's order; numbers rounded for reading (study.json keeps them whole)."""
+    comps = {c["b"]: c for c in summary["comparisons"]}
+    rows = []
+    for name, arm in summary["presets"].items():
+        rsum = arm["metrics"][summary["metric"]]
+        row = {
+            "arm": name,
+            "runs": arm["num_runs"],
+            "rsum_mean": round(rsum["mean"], 2),
+            "rsum_std": round(rsum["std"], 2),
+        }
+        c = comps.get(name)
+        if c is not None:  # Δ = target − this arm
+            row |= {k: round(c[src], 2) for k, src in (("delta", "mean_delta"), ("ci_low", "ci_low"),
+                                                      ("ci_high", "ci_high"), ("mde", "mde"))}  # fmt: skip
+            row |= {"wilcoxon_p": f"{c['wilcoxon_p']:.3g}", "holm_p": f"{c['wilcoxon_p_holm']:.3g}"}
+        rows.append(row)
+    return rows
 
 
 @app.command("study")
@@ -24,7 +49,13 @@ def study(
         bool, typer.Option("--frozen-towers/--no-frozen-towers", help="towers run once per split; projections train")
     ] = None,
     presets: Annotated[
-        list[str], typer.Option("--preset", help="loss preset (repeat); default: the five core presets")
+        list[str],
+        typer.Option(
+            "--preset",
+            "--arm",
+            help="arm (repeat): a loss preset, or [LABEL=]PRESET@KEY=VALUE,... (a preset plus loss / run overrides, "
+            "e.g. clip-kd@views=4, bank=clip-kd@w_topk_i2t=0.5,candidates=bank); default: the five core presets",
+        ),
     ] = None,
     seeds: Annotated[int, typer.Option(help="paired seeds 0..N-1; a rerun with more adds only the new runs")] = None,
     target: Annotated[str, typer.Option(help="preset compared against every other one")] = None,
@@ -42,10 +73,14 @@ def study(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default)")] = None,
     loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON for every preset")] = None,
     config: Annotated[str, typer.Option("--config", help="JSON with StudyConfig fields")] = None,
+    fmt: Annotated[
+        Format, typer.Option("--format", help=FORMAT_HELP + "; table/csv/md: one row per arm")
+    ] = Format.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train every preset once per paired seed, evaluate each on the test split, report paired Δ RSUM (95 % t-interval,
-    Wilcoxon p, Holm), the minimal detectable Δ, plots and wall times (study.md, study.json)."""
+    """Train every arm (a preset, or a preset with overrides) once per paired seed, evaluate each on the test split,
+    report paired Δ RSUM of the target against every other arm (95 % t-interval, Wilcoxon p, Holm), the minimal
+    detectable Δ, plots and wall times (study.md, study.json). The result is on stdout (--format), logs on stderr."""
     setup_logging(verbose)
     from mcad_cache.pipelines import study as pipeline
 
@@ -64,3 +99,8 @@ def study(
     for line in summary["headline"]:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"report: {summary['report']['md']} ({summary['wall_s']:.0f} s)", highlight=False)
+    if fmt is Format.json:
+        print_json(summary)
+    else:
+        title = f"study: Δ RSUM = {summary['target']} − arm, {len(summary['seeds'])} paired seeds"
+        render_rows(summary_rows(summary), ROW_COLUMNS, fmt, title=title)

@@ -8,6 +8,9 @@ of one seed are paired. A run writes ``runs/<preset>/seed-<s>/`` (``config.json`
 checkpoints: an interrupted run starts over, finished runs are reused.
 
 The test images are decoded once per study (in the student's own preprocessing) and reused by every run.
+
+A ``presets`` entry is an arm: a preset plus overrides (``mcad_cache.study.arms``: ``clip-kd@views=4``,
+``bank=clip-kd@w_topk_i2t=0.5,candidates=bank``); its name is the run folder and its label in the report.
 """
 
 from __future__ import annotations
@@ -29,13 +32,12 @@ from mcad_cache.distill import TrainState, create_distill, train_loop
 from mcad_cache.distill import rundir as rd
 from mcad_cache.errors import ConfigError
 from mcad_cache.eval import encode_retrieval_set, evaluate_dual
-from mcad_cache.hashing import state_dict_sha256
 from mcad_cache.progress import ProgressFn, no_progress
-from mcad_cache.runtime import resolve_device
-from mcad_cache.student import create_student
 from mcad_cache.study import RunSpec, StudyPlan, run_study, summarise_study, write_study
+from mcad_cache.study.arms import Arm, arm_config, arm_name, parse_arm, parse_arms
 from mcad_cache.study.config import StudyConfig
-from mcad_cache.study.frozen import FeatureTable, encode_frozen, evaluate_frozen, load_table, save_table, train_frozen
+from mcad_cache.study.frozen import FeatureTable, evaluate_frozen, train_frozen
+from mcad_cache.study.tables import frozen_tables, replays_views, stored_views
 
 _logger = logging.getLogger(__name__)
 
@@ -44,32 +46,40 @@ PREFETCH_BATCHES = 2  # batches joined ahead of the step in a background thread 
 
 
 def plan_of(config: StudyConfig) -> StudyPlan:
-    """The plan: ``config.presets`` x seeds ``0 .. config.seeds - 1``.
+    """The plan: ``config.presets`` (arms, by name) x seeds ``0 .. config.seeds - 1``.
 
     Raises:
-        ConfigError: ``seeds < 1``, or the plan's own checks (duplicates, target / baseline not among the presets).
+        ConfigError: ``seeds < 1``, a bad arm (``study.arms.parse_arms``), or the plan's own checks (duplicates,
+        target / baseline not among the arms' names).
     """
     if config.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1 (paired seeds 0 .. N-1), got {config.seeds}")
+    names = tuple(a.name for a in parse_arms(config.presets))
     return StudyPlan(
-        presets=tuple(config.presets),
+        presets=names,
         seeds=tuple(range(config.seeds)),
-        target=config.target,
-        baseline=config.baseline,
+        target=arm_name(config.target, names),
+        baseline=arm_name(config.baseline, names),
         single_teacher=tuple(config.single_teacher),
     )
 
 
-def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str) -> DistillConfig:
-    """The ``DistillConfig`` of one run: the study's shared settings plus the preset, the paired seed and the folder."""
-    return DistillConfig(
-        cache=tuple(config.cache), data=tuple(config.data), out=out, student=config.student, preset=preset,
+def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str, arm: Arm | None = None) -> DistillConfig:
+    """The ``DistillConfig`` of one run: the study's shared settings plus the arm (``arm``, else the entry ``preset``:
+    a preset, or a preset with overrides, ``study.arms``), the paired seed and the folder.
+
+    Raises:
+        ConfigError: a bad arm.
+    """
+    base = DistillConfig(
+        cache=tuple(config.cache), data=tuple(config.data), out=out, student=config.student, preset="contrastive",
         k=config.k, batch_size=config.batch_size, steps=config.steps, lr=config.lr,
         weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
         workers=config.workers, device=config.device, precision=config.precision, seed=seed,
         shuffle_buffer=config.shuffle_buffer, log_every=config.log_every, resume=False, threads=config.threads,
         loss=dict(config.loss),
     )  # fmt: skip
+    return arm_config(base, arm if arm is not None else parse_arm(preset))
 
 
 def study_context(config: StudyConfig) -> dict[str, Any]:
@@ -104,11 +114,12 @@ class TestSet:
         return self._batches
 
 
-def train_and_evaluate(config: DistillConfig, test: TestSet) -> dict[str, Any]:
+def train_and_evaluate(config: DistillConfig, test: TestSet, *, views: int | None = None) -> dict[str, Any]:
     """One study run: train with the library wiring (no intermediate checkpoints), save ``final/``, evaluate on the
     test set. Returns the test metrics (percent) plus ``final_logit_scale``, ``steps`` and ``train_s``.
 
     Raises:
+        ConfigError: ``views`` other than 1 or the cache's V (only the frozen path replays a subset).
         What ``create_distill`` and ``train_loop`` raise (bad config, caches, non-finite loss); DataError: an
         unreadable test sample.
     """
@@ -116,6 +127,9 @@ def train_and_evaluate(config: DistillConfig, test: TestSet) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.out)
     d = create_distill(config)
+    held = d.resolved.get("views", {}).get("num_views")
+    if views is not None and views > 1 and views != held:
+        raise ConfigError(f"views={views}: the image path replays all {held or 0} stored views; use --frozen-towers")
     rd.reset_metrics(run_dir)
     rd.write_config(run_dir, d.resolved)
 
@@ -146,33 +160,9 @@ def train_and_evaluate(config: DistillConfig, test: TestSet) -> dict[str, Any]:
     }
 
 
-def frozen_tables(config: StudyConfig, out: Path, progress: ProgressFn) -> dict[str, FeatureTable]:
-    """The frozen-tower tables of the train (``"data"``), test (and val) shards: loaded from ``out/tables/`` when made
-    from the same student towers and shards, else encoded once and saved. The towers are those of the student created
-    with seed 0 (pretrained towers do not depend on the seed; the fingerprint holds their weights' sha256)."""
-    torch.manual_seed(0)
-    reference = create_student(config.student).to(resolve_device(config.device))
-    towers = {k: v for k, v in reference.state_dict().items() if not k.startswith(("image_proj", "text_proj"))}
-    student_fp = {"config": reference.config.to_dict(), "towers_sha256": state_dict_sha256(towers)}
-    tables = {}
-    for split in ("data", "test", "val"):
-        shards = expand_shards(getattr(config, split)) if getattr(config, split) else []
-        if not shards:
-            continue
-        fp = {"student": student_fp, "shards": [(p, Path(p).stat().st_size) for p in shards]}
-        path = out / "tables" / f"{split}.pt"
-        table = load_table(path, fingerprint=fp)
-        if table is None:
-            table = encode_frozen(
-                reference, shards, batch_size=config.eval_batch_size, workers=config.workers,
-                precision=config.precision, progress=progress, description=f"frozen towers ({split})",
-            )  # fmt: skip
-            save_table(table, path, fingerprint=fp)
-        tables[split] = table
-    return tables
-
-
-def train_and_evaluate_frozen(config: DistillConfig, tables: dict[str, FeatureTable]) -> dict[str, Any]:
+def train_and_evaluate_frozen(
+    config: DistillConfig, tables: dict[str, FeatureTable], *, views: int | None = None
+) -> dict[str, Any]:
     """One frozen-tower run (``mcad_cache.study.frozen``): train the projections on the tables, save ``final/``,
     evaluate on the test table (``eval.json``); ``metrics.jsonl`` holds each logged step's ``val_rsum`` when a val
     table exists."""
@@ -182,8 +172,9 @@ def train_and_evaluate_frozen(config: DistillConfig, tables: dict[str, FeatureTa
     rd.reset_metrics(run_dir)
     t0 = time.perf_counter()
     model, student, state = train_frozen(
-        config, train=tables["data"], val=tables.get("val"), on_log=lambda line: rd.append_metrics(run_dir, line)
-    )
+        config, train=tables["data"], val=tables.get("val"), on_log=lambda line: rd.append_metrics(run_dir, line),
+        views=views,
+    )  # fmt: skip
     train_s = time.perf_counter() - t0
     rd.save_final(run_dir, model=model, loss_module=torch.nn.Module())
     rd.plot_curves(run_dir / rd.METRICS_FILE, run_dir / rd.CURVES_FILE)
@@ -211,21 +202,28 @@ def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str,
         if not getattr(config, name):
             raise ConfigError(f"study: --{name} is required (shards, globs or a folder)")
     plan = plan_of(config)
+    arms = {a.name: a for a in parse_arms(config.presets)}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     t0 = time.perf_counter()
     test = TestSet(expand_shards(config.test), batch_size=config.eval_batch_size, workers=config.workers)
 
-    tables = frozen_tables(config, out, progress) if config.frozen_towers else {}
+    configs = {name: distill_config(config, preset=name, seed=0, out="", arm=a) for name, a in arms.items()}
+    views = config.frozen_towers and replays_views(list(configs.values()), stored_views(config.cache))
+    tables = frozen_tables(config, out, views=views, progress=progress) if config.frozen_towers else {}
 
     def run_one(spec: RunSpec) -> dict[str, Any]:
-        cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir))
-        return train_and_evaluate_frozen(cfg, tables) if tables else train_and_evaluate(cfg, test)
+        cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir), arm=arms[spec.preset])
+        n = arms[spec.preset].views
+        return train_and_evaluate_frozen(cfg, tables, views=n) if tables else train_and_evaluate(cfg, test, views=n)
 
-    results = run_study(plan, run_one, out=out, context=study_context(config), progress=progress)
+    definitions = {name: arm.definition() for name, arm in arms.items()}
+    context = study_context(config)
+    results = run_study(plan, run_one, out=out, context=context, definitions=definitions, progress=progress)
     summary = summarise_study(plan, results, target_mde=config.target_mde)
-    summary["report"] = write_study(out, summary, title=f"Study: {len(plan.presets)} presets x {config.seeds} seeds")
+    summary["arms"] = definitions
+    summary["report"] = write_study(out, summary, title=f"Study: {len(plan.presets)} arms x {config.seeds} seeds")
     summary["wall_s"] = time.perf_counter() - t0
     for line in summary["headline"]:
         _logger.info("%s", line)

@@ -409,7 +409,9 @@ def test_study_pipeline_frozen_towers(tiny_study_data, tmp_path, monkeypatch):
     rsum = evaluate_dual(encode_retrieval_set(model, batches))["metrics"]["rsum"]
     assert rsum == pytest.approx(summary["presets"]["clip-kd"]["metrics"]["rsum"]["by_seed"]["0"], abs=1e-3)
     # tables are reused: a rerun with one more seed encodes nothing
-    monkeypatch.setattr(study, "encode_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    from mcad_cache.study import frozen
+
+    monkeypatch.setattr(frozen, "encode_frozen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
     more = study.run(_study_config(tiny_study_data, tmp_path / "s", frozen_towers=True, seeds=3,
                                    val=tuple(tiny_study_data["test"])))  # fmt: skip
     assert sum(not r["reused"] for r in more["runs"]) == 3

@@ -15,6 +15,16 @@ targets by key; ``distill_forward`` and ``train_loop`` train. Only three parts a
 
 The trained projections live in the real ``DualEncoder`` (shared parameters), so ``model.save`` writes a student that
 ``mcad-cache eval`` runs on images.
+
+**Replayed views** (issue 16). With a multi-view cache, a real run gives each drawn sample one stored view, chosen by
+``distill.views.choose_view(seed, epoch, key, V)``: the student decodes that crop + flip. Here each stored view of
+every training image is encoded once (:func:`encode_views`: V x the image pass, ``FeatureTable.image_feat_views``
+[N_i, V, F_img]) and the stream picks the row of the chosen view, while the joiner takes that view's cached teacher
+target (``distill.views.ViewTargets``), as a real run does. ``views=N`` restricts the choice to the first N views.
+
+**Candidate bank** (issue 11, ``--candidates bank``): the bank of ``distill.bank`` (initial fill from the starting
+weights, then each anchor's detached embedding at its last visit), filled from the table by :class:`TableItemEncoder`
+instead of decoding the shards; candidate images are then read from the bank, never from the table.
 """
 
 from __future__ import annotations
@@ -33,17 +43,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mcad_cache.cache.reader import CacheReader
 from mcad_cache.config import DistillConfig
 from mcad_cache.data.transforms import make_image_transform
 from mcad_cache.data.webdataset import SampleDataset, collate_samples
-from mcad_cache.distill import TrainState, create_distill, create_optimizer, train_loop
-from mcad_cache.errors import CacheKeyError, DataError
+from mcad_cache.distill import DistillRun, TrainState, create_distill, create_optimizer, train_loop
+from mcad_cache.distill.bank import BankCandidates, CandidateBank
+from mcad_cache.distill.chunks import ChunkDataset, iter_chunk_samples
+from mcad_cache.distill.views import StoredViews, ViewTargets, choose_view
+from mcad_cache.errors import CacheKeyError, ConfigError, DataError
 from mcad_cache.hashing import json_sha256
 from mcad_cache.metrics import retrieval_metrics_from_embeddings
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import autocast
 from mcad_cache.schedules import create_warmup_cosine
 from mcad_cache.student import DualEncoder
+from mcad_cache.views import apply_view
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +73,8 @@ class FeatureTable:
         image_feat: [N_i, F_img] float32 pooled image-tower outputs (``DualEncoder.forward_image``'s second value).
         texts: N_t distinct caption strings.
         text_feat: [N_t, F_txt] float32 pooled text-tower outputs of ``texts``.
+        image_feat_views: optional [N_i, V, F_img] float32 outputs of each stored view of each image
+            (:func:`encode_views`; NaN rows for keys the cache has no views of), None without views.
     """
 
     keys: list[str]
@@ -65,6 +82,7 @@ class FeatureTable:
     image_feat: Tensor
     texts: list[str]
     text_feat: Tensor
+    image_feat_views: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.row_of_key = {k: i for i, k in enumerate(self.keys)}
@@ -113,6 +131,61 @@ def load_table(path: str | os.PathLike[str], *, fingerprint: Mapping[str, Any]) 
     return FeatureTable(**saved)
 
 
+class FixedView:
+    """``view_replay`` of a ``ChunkDataset`` that applies stored view ``view`` of every key (picklable)."""
+
+    def __init__(self, params: StoredViews, view: int) -> None:
+        self.params, self.view = params, int(view)
+
+    def __call__(self, key: str, image: Any, *, epoch: int = 0) -> Any:
+        return apply_view(image, self.params[key][self.view]) if key in self.params else image
+
+
+@torch.no_grad()
+def encode_views(
+    model: DualEncoder,
+    shards: Sequence[str],
+    table: FeatureTable,
+    params: StoredViews,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "auto",
+    progress: ProgressFn = no_progress,
+) -> Tensor:
+    """Image-tower outputs of every stored view: ``[N_i, V, F_img]`` float32 in ``table.keys`` order.
+
+    Each view v is one pass over the shards through the distill stream's own dataset (``distill.chunks``): decode,
+    crop + flip of stored view v (``views.apply_view``), the student's transform, the image tower in eval mode. So a
+    row equals what a real run's student computes for that replayed view (``tests/test_study_arms.py``). Keys the
+    cache holds no views of stay NaN (a run never draws them: the join refuses keys missing from the cache).
+
+    Raises:
+        DataError: an unreadable sample.
+    """
+    model = model.eval()
+    num_views = int(next(iter(params.values())).shape[0]) if len(params) else 1
+    out = torch.full((len(table.keys), num_views, model.image_feat_dim), float("nan"))
+    for v in range(num_views):
+        dataset = ChunkDataset(list(shards), image_transform=make_image_transform(model.preprocess_cfg))
+        dataset.view_replay = FixedView(params, v)
+        samples = iter_chunk_samples(dataset, workers=workers)
+        keys: list[str] = []
+        images: list[Tensor] = []
+        for sample in progress(samples, f"frozen towers: view {v + 1}/{num_views}", len(table.keys)):
+            if sample["skip"] is not None:
+                raise DataError(sample["skip"], shard=sample["shard"], key=sample["key"], detail="frozen views")
+            if sample["key"] in params and sample["key"] in table.row_of_key:
+                keys.append(sample["key"])
+                images.append(sample["image"])
+            if len(keys) == batch_size:
+                _encode_into(model, out, keys, images, view=v, table=table, precision=precision)
+                keys, images = [], []
+        if keys:
+            _encode_into(model, out, keys, images, view=v, table=table, precision=precision)
+    return out
+
+
 @torch.no_grad()
 def encode_frozen(
     model: DualEncoder,
@@ -138,7 +211,8 @@ def encode_frozen(
     captions: list[list[str]] = []
     feats: list[Tensor] = []
     with autocast(device, precision):
-        for batch in progress(loader, f"{description}: images", None):
+        batches = (b for b in loader)  # no len(): the shards' sample count is not known before reading them
+        for batch in progress(batches, f"{description}: images", None):
             for item in batch.get("skipped") or []:
                 raise DataError(item["skip"], shard=item.get("shard"), key=item.get("key"), detail="frozen towers")
             if not batch["key"]:
@@ -204,24 +278,69 @@ class FrozenTowerStudent(nn.Module):
         return out
 
 
-class FeatureStream:
-    """``epoch -> batches`` like ``EpochStream``: ``{"key", "captions", "image": [B, F_img], "skipped": []}``, full
-    batches only, shuffled by ``torch.randperm`` seeded with (seed, epoch) alone: the same order in every preset."""
+def _encode_into(
+    model: DualEncoder, out: Tensor, keys: list[str], images: list[Tensor], *, view: int, table: FeatureTable,
+    precision: str,
+) -> None:  # fmt: skip
+    device = next(model.parameters()).device
+    with autocast(device, precision):
+        feat = model.forward_image(torch.stack(images).to(device))[1].float().cpu()
+    out[[table.row_of_key[k] for k in keys], view] = feat
 
-    def __init__(self, table: FeatureTable, *, batch_size: int, seed: int) -> None:
-        self.table, self.batch_size, self.seed = table, batch_size, seed
+
+class FeatureStream:
+    """``epoch -> batches`` like ``EpochStream``: ``{"key", "captions", "image": [B, F_img], "skipped": [],
+    "epoch"}``, full batches only, shuffled by ``torch.randperm`` seeded with (seed, epoch) alone: the same order in
+    every preset. With ``views`` (N), each key's image row is that of view ``choose_view(seed, epoch, key, N)`` of
+    ``table.image_feat_views``, the view a real run replays."""
+
+    def __init__(self, table: FeatureTable, *, batch_size: int, seed: int, views: int | None = None) -> None:
+        self.table, self.batch_size, self.seed, self.views = table, batch_size, seed, views
+        if views is not None and (table.image_feat_views is None or not 1 <= views <= table.image_feat_views.shape[1]):
+            held = 0 if table.image_feat_views is None else table.image_feat_views.shape[1]
+            raise ConfigError(f"views={views}: the frozen-feature table holds {held} view(s) per image")
 
     def __call__(self, epoch: int) -> Iterator[dict[str, Any]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.table.keys), generator=gen).tolist()
         for s in range(0, len(order) - self.batch_size + 1, self.batch_size):
             rows = order[s : s + self.batch_size]
+            keys = [self.table.keys[r] for r in rows]
+            if self.views is None:
+                image = self.table.image_feat[rows]
+            else:
+                assert self.table.image_feat_views is not None
+                chosen = [choose_view(self.seed, epoch, k, self.views) for k in keys]
+                image = self.table.image_feat_views[rows, chosen]
             yield {
-                "key": [self.table.keys[r] for r in rows],
+                "key": keys,
                 "captions": [self.table.captions[r] for r in rows],
-                "image": self.table.image_feat[rows],
+                "image": image,
                 "skipped": [],
+                "epoch": epoch,
             }
+
+
+class TableItemEncoder:
+    """The bank's fill (``distill.bank.ItemEncoder``'s call) from a :class:`FeatureTable`: the projections of every
+    canonical image row and every caption of the candidate cache ``reader`` (rows the table lacks stay unwritten)."""
+
+    def __init__(self, table: FeatureTable, reader: CacheReader) -> None:
+        self.table = table
+        known = [str(k) for k in reader.image_keys.tolist() if str(k) in table.row_of_key]
+        self.image_rows = torch.from_numpy(reader.image_rows(known).astype("int64"))
+        self.image_feat = table.image_feat[[table.row_of_key[k] for k in known]]
+        texts = [(r, str(reader.captions[r])) for r in range(len(reader.captions)) if bool(reader.text_valid[r])]
+        texts = [(r, t) for r, t in texts if t in table.row_of_text]
+        self.text_rows = torch.tensor([r for r, _ in texts], dtype=torch.long)
+        self.text_feat = table.text_feat[[table.row_of_text[t] for _, t in texts]]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, bank: CandidateBank, *, step: int) -> None:
+        device = bank.image_emb.device
+        bank.write("image", self.image_rows, F.normalize(model.image_proj(self.image_feat.to(device)), dim=-1),
+                   step=step)  # fmt: skip
+        bank.write("text", self.text_rows, F.normalize(model.text_proj(self.text_feat.to(device)), dim=-1), step=step)
 
 
 @torch.no_grad()
@@ -240,6 +359,7 @@ def train_frozen(
     train: FeatureTable,
     val: FeatureTable | None = None,
     on_log: Any = None,
+    views: int | None = None,
 ) -> tuple[DualEncoder, FrozenTowerStudent, TrainState]:
     """Train one frozen-tower student (module docstring). ``config.student`` must load pretrained towers: a random
     tower would be frozen at its random init.
@@ -249,23 +369,15 @@ def train_frozen(
         train: the train split's table (every anchor and candidate image and caption).
         val: optional val table: ``val_rsum`` is added to each logged line (the val curve).
         on_log: optional ``dict -> None`` receiving each logged line.
+        views: when the run replays stored views (``config.augment`` "" on a multi-view cache): replay the first N
+            (None = all V); ``train.image_feat_views`` must hold them. Ignored when the run replays none.
     Returns:
         ``(DualEncoder with the trained projections, the FrozenTowerStudent, final TrainState)``.
     Raises:
-        What ``create_distill`` and ``train_loop`` raise.
+        ConfigError: views asked for beyond those the cache or the table holds, or drawn (mismatched) views, which
+            the frozen path cannot serve. What ``create_distill`` and ``train_loop`` raise.
     """
-    d = create_distill(config)
-    model = d.model.eval()
-    for tower in (model.image_tower, model.text_tower):
-        tower.requires_grad_(False)
-    student = FrozenTowerStudent(model, train)
-    joiner = copy.copy(d.joiner)  # the factory's join (caches, derived targets, k), fed from the tables instead
-    joiner.candidate_images, joiner.tokenize = train.images, student.tokenize
-    total = d.total_steps
-    optimizer = create_optimizer([student, d.loss_module], lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = create_warmup_cosine(optimizer, warmup_steps=min(config.warmup_steps, total), total_steps=total)
-    stream = FeatureStream(train, batch_size=config.batch_size, seed=config.seed)
-    run = dataclasses.replace(d, model=student, joiner=joiner, stream=stream, optimizer=optimizer, scheduler=scheduler)
+    run, model, student = frozen_run(config, train=train, views=views)
 
     def log(values: Mapping[str, Any]) -> None:
         line = {**values, "logit_scale": float(student.logit_scale.detach())}
@@ -275,15 +387,87 @@ def train_frozen(
             on_log(line)
 
     state = train_loop(
-        student, d.loss_module, batches_for_epoch=stream, prepare=run.prepare, forward=run.forward,
-        optimizer=optimizer, scheduler=scheduler, state=TrainState(), total_steps=total, grad_clip=config.grad_clip,
-        precision=config.precision, device=d.device, log_every=config.log_every, on_log=log,
+        student, run.loss_module, batches_for_epoch=run.stream, prepare=run.prepare, forward=run.forward,
+        optimizer=run.optimizer, scheduler=run.scheduler, state=TrainState(), total_steps=run.total_steps,
+        grad_clip=config.grad_clip, precision=config.precision, device=run.device, log_every=config.log_every,
+        on_log=log,
     )  # fmt: skip
     return model, student, state
 
 
+def frozen_run(
+    config: DistillConfig, *, train: FeatureTable, views: int | None = None
+) -> tuple[DistillRun, DualEncoder, FrozenTowerStudent]:
+    """The library's ``DistillRun`` of ``config`` with the three parts swapped (module docstring): the model (a
+    :class:`FrozenTowerStudent` on ``train``), the stream (:class:`FeatureStream`, replaying ``views``) and the
+    candidates (table rows, or a bank filled from the table); fresh optimiser and schedule over the projections.
+
+    Returns:
+        ``(run, the DualEncoder whose projections train, the FrozenTowerStudent)``.
+    Raises:
+        See :func:`train_frozen`.
+    """
+    d = create_distill(config)
+    model = d.model.eval()
+    for tower in (model.image_tower, model.text_tower):
+        tower.requires_grad_(False)
+    student = FrozenTowerStudent(model, train)
+    joiner = copy.copy(d.joiner)  # the factory's join (caches, derived targets, k), fed from the tables instead
+    joiner.tokenize = student.tokenize
+    if d.bank is None:  # with a bank the join fetches no candidate image (they come from the bank)
+        joiner.candidate_images = train.images
+    replay = replayed_views(d, views)
+    if replay is not None:
+        assert d.clip is not None
+        joiner.views = ViewTargets(d.clip, seed=config.seed)
+        joiner.views.num_views = replay
+    total = d.total_steps
+    optimizer = create_optimizer([student, d.loss_module], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = create_warmup_cosine(optimizer, warmup_steps=min(config.warmup_steps, total), total_steps=total)
+    stream = FeatureStream(train, batch_size=config.batch_size, seed=config.seed, views=replay)
+    bank = None
+    if d.bank is not None:
+        bank = BankCandidates(
+            CandidateBank(num_images=joiner.cand.num_images, num_texts=joiner.cand.num_texts, dim=model.embed_dim,
+                          device=d.device),
+            model=student, encoder=TableItemEncoder(train, joiner.cand), text_online=d.bank.online_texts,
+            ema=config.bank_ema, refresh_every=config.bank_refresh_every,
+        )  # fmt: skip
+    run = dataclasses.replace(
+        d, model=student, joiner=joiner, stream=stream, optimizer=optimizer, scheduler=scheduler, bank=bank,
+        candidates=bank if bank is not None else d.candidates,
+    )  # fmt: skip
+
+    return run, model, student
+
+
+def replayed_views(d: Any, views: int | None) -> int | None:
+    """How many stored views a frozen run replays: None when the run trains on the canonical view (no views in the
+    cache, or ``augment="none"``), else ``views`` (default: all V of the cache).
+
+    Raises:
+        ConfigError: drawn views (``--allow-aug-mismatch``: no stored view to encode once), or ``views`` > V.
+    """
+    mode = d.resolved.get("views", {}).get("mode")
+    if mode is None:
+        return None
+    if mode != "replay":
+        raise ConfigError(
+            "frozen towers replay stored views only; drawn views (--allow-aug-mismatch) need the image path"
+        )
+    held = int(d.clip.layout.num_views)
+    if views is not None and not 1 <= views <= held:
+        raise ConfigError(f"views={views}: the cache {d.clip.path} holds {held} view(s) per image")
+    return held if views is None else views
+
+
 __all__ = [
     "FeatureStream",
+    "FixedView",
+    "TableItemEncoder",
+    "encode_views",
+    "frozen_run",
+    "replayed_views",
     "FeatureTable",
     "FrozenTowerStudent",
     "encode_frozen",

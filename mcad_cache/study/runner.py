@@ -142,11 +142,22 @@ def check_context(out: str | os.PathLike[str], context: Mapping[str, Any]) -> st
     return sha
 
 
-def load_result(out: str | os.PathLike[str], preset: str, seed: int, *, context_sha256: str) -> RunResult | None:
+def load_result(
+    out: str | os.PathLike[str],
+    preset: str,
+    seed: int,
+    *,
+    context_sha256: str,
+    definition: Mapping[str, Any] | None = None,
+) -> RunResult | None:
     """The finished run's record, or None when it has none (never run, or interrupted before it finished).
 
+    Args:
+        definition: the arm's definition (``study.arms.Arm.definition``); a record made with another one is refused.
+            A record without one (made before arms existed) counts as the plain preset's.
     Raises:
-        StudyMismatchError: the record was made with another context than ``context_sha256``.
+        StudyMismatchError: the record was made with another context than ``context_sha256``, or another definition
+            of the arm ``preset``.
     """
     path = run_dir(out, preset, seed) / RESULT_FILE
     if not path.is_file():
@@ -157,6 +168,13 @@ def load_result(out: str | os.PathLike[str], preset: str, seed: int, *, context_
             f"{path} was made with other settings (context {str(saved.get('context_sha256'))[:12]}, this study "
             f"{context_sha256[:12]}): use a new --out, or delete that run folder to run it again"
         )
+    if definition is not None:
+        recorded = saved.get("arm", {"preset": preset, "loss": {}, "run": {}, "views": None})
+        if to_jsonable(recorded) != to_jsonable(dict(definition)):
+            raise StudyMismatchError(
+                f"{path} was made by arm {preset!r} defined as {recorded}, now {dict(definition)}: give the arm "
+                "another name, or delete that run folder to run it again"
+            )
     return RunResult(
         preset=preset,
         seed=seed,
@@ -173,6 +191,7 @@ def run_study(
     *,
     out: str | os.PathLike[str],
     context: Mapping[str, Any],
+    definitions: Mapping[str, Mapping[str, Any]] | None = None,
     progress: ProgressFn = no_progress,
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[RunResult]:
@@ -184,12 +203,14 @@ def run_study(
             JSON-able entries are kept in ``RunResult.extra``. It must derive init and batch order from the seed only.
         out: the study folder (created).
         context: what every run shares (see ``check_context``).
+        definitions: optional arm name -> definition (``study.arms.Arm.definition``), recorded in each
+            ``result.json`` and checked when a run is reused (a renamed arm never reuses another's runs).
         progress: the progress convention (``mcad_cache.progress``).
         clock: seconds counter for the wall time of each run.
     Returns:
         One ``RunResult`` per run, in ``plan.runs()`` order.
     Raises:
-        StudyMismatchError: ``out`` holds runs made with another context.
+        StudyMismatchError: ``out`` holds runs made with another context, or by another definition of an arm.
         ValueError: ``run_one`` returned no value for a metric key, or a non-finite one.
         Whatever ``run_one`` raises (the finished runs stay recorded; a rerun resumes after them).
     """
@@ -197,7 +218,8 @@ def run_study(
     results: list[RunResult] = []
     todo = plan.runs()
     for preset, seed in progress(todo, "study runs", len(todo)):
-        done = load_result(out, preset, seed, context_sha256=sha)
+        definition = (definitions or {}).get(preset)
+        done = load_result(out, preset, seed, context_sha256=sha, definition=definition)
         if done is not None:
             _logger.info("study: %s seed %d finished earlier (rsum %.1f), reused", preset, seed, done.metrics["rsum"])
             results.append(done)
@@ -223,6 +245,7 @@ def run_study(
                 "metrics": metrics,
                 "wall_s": wall_s,
                 "extra": extra,
+                **({"arm": to_jsonable(dict(definition))} if definition is not None else {}),
                 "finished": utc_now(),
             },
         )
