@@ -81,6 +81,14 @@ def build(
         str, typer.Option(metavar="SPEC", help="view spec, e.g. rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1")
     ] = B.augment,
     view_seed: Annotated[int, typer.Option(metavar="N", help="seed of the per-view crop / flip draws")] = B.view_seed,
+    token_scratch_gib: Annotated[
+        float,
+        typer.Option(
+            metavar="GIB",
+            help="disk cap of the image tokens kept from pass 1 for the ITM pass (single-stream teachers); "
+            "0 = off: the image tower runs again in pass 3. Not in the fingerprint (same arrays)",
+        ),
+    ] = B.token_scratch_gib,
     rank: Annotated[
         int, typer.Option(metavar="N", help="this process's index among --world-size build processes")
     ] = B.rank,

@@ -66,6 +66,8 @@ class BuildConfig:
     augment: str = ""  # view augmentation spec, e.g. rrc:scale=0.35-1,ratio=0.75-1.3333,flip=0.5;v1 (mcad_cache.views)
     view_seed: int = 0  # seed of the per-view crop / flip draws (with the sample key and view index)
     view_targets: str = "canonical"  # single-stream ITM / fused targets: of the canonical view only (per view: x V)
+    token_scratch_gib: float = 8.0  # cap of pass 1's single-stream image-token scratch on disk, GiB (0 = off: pass 3a
+    # runs the image tower again); changes speed and disk use only, never the arrays: not in the fingerprint
 
 
 @dataclass(frozen=True)

@@ -224,3 +224,42 @@ def test_bank_rows_follow_the_candidate_cache(tmp_path, shards, use_caches, cach
     assert batch.anchor_image_rows.tolist() == albef.image_rows(raw["key"]).tolist()
     top = albef.topk("i2t", albef.image_rows(raw["key"]), k=3)
     assert batch.topk_text_rows.tolist() == top["idx"].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ the fill
+def test_fill_encodes_the_candidate_rows_only(tmp_path, shards, use_caches):
+    """The fill encodes exactly the rows some cached top-k list names, with the values a fill of every row gives;
+    with text candidates online it encodes no caption."""
+    import numpy as np
+
+    run = create_distill(cfg(tmp_path, shards, candidates="bank"))
+    enc = run.candidates.encoder
+    reader = enc.reader
+    dims = dict(num_images=reader.num_images, num_texts=reader.num_texts, dim=run.model.embed_dim)
+    full, part, no_text = CandidateBank(**dims), CandidateBank(**dims), CandidateBank(**dims)
+    enc.candidates_only = False
+    enc(run.model, full, step=0)
+    assert enc.last_counts == {"images": reader.num_images, "texts": reader.num_texts}
+    enc.candidates_only = True
+    enc(run.model, part, step=0)
+    enc(run.model, no_text, step=0, texts=False)
+    named = {
+        "image": reader.topk("t2i", np.arange(reader.num_texts), fused=False)["idx"],
+        "text": reader.topk("i2t", np.arange(reader.num_images), fused=False)["idx"],
+    }
+    for which, emb_full, emb_part, stamp in (
+        ("image", full.image_emb, part.image_emb, part.image_step),
+        ("text", full.text_emb, part.text_emb, part.text_step),
+    ):
+        want = sorted({int(r) for r in np.asarray(named[which]).ravel() if r >= 0})
+        got = torch.nonzero(stamp == 0).flatten().tolist()
+        assert got == want, which
+        assert torch.allclose(emb_part[want], emb_full[want], atol=1e-6), which
+        assert not emb_part[[r for r in range(stamp.numel()) if r not in want]].any(), which
+    assert enc.last_counts["texts"] == 0 and bool((no_text.text_step == -1).all())
+    assert torch.equal(no_text.image_emb, part.image_emb)
+    # the rows an epoch's batches read are all filled
+    for i, raw in enumerate(run.stream(0)):
+        batch = run.join(raw, i + 1)
+        for rows, stamp in ((batch.topk_image_rows, part.image_step), (batch.topk_text_rows, part.text_step)):
+            assert bool((stamp[rows[rows >= 0]] == 0).all())

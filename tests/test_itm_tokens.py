@@ -25,9 +25,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _build(tmp_path: Path, tokenizer_dir: Path, monkeypatch, *, spy_teacher: bool = False) -> tuple[dict, dict]:
+def _build(tmp_path: Path, tokenizer_dir: Path, monkeypatch, **config) -> tuple[dict, dict]:
     """Build the golden ``albef_tiny`` case; returns (array digests, images through each teacher call + the cache's
-    ``image_valid``). The build also runs ``image_tokens`` on one image to probe the fused width."""
+    ``image_valid`` and the manifest). The build also runs ``image_tokens`` on one image to probe the fused width.
+    ``config``: extra BuildConfig fields."""
     from mcad_cache.pipelines import build_cache
     from mcad_cache.teachers import create_teacher
 
@@ -43,7 +44,7 @@ def _build(tmp_path: Path, tokenizer_dir: Path, monkeypatch, *, spy_teacher: boo
 
         monkeypatch.setattr(teacher, name, counted)
     monkeypatch.setattr(build_cache, "create_teacher", lambda *_, **__: teacher)
-    kw = {**golden.BASE, **golden.CASES["albef_tiny"]}
+    kw = {**golden.BASE, **golden.CASES["albef_tiny"], **config}
     fields = build_cache.BuildConfig.__dataclass_fields__
     if "random_init" in fields:
         kw["random_init"] = True
@@ -55,6 +56,9 @@ def _build(tmp_path: Path, tokenizer_dir: Path, monkeypatch, *, spy_teacher: boo
 
     valid = zarr.open_group(str(tmp_path / "c"), mode="r")["image_valid"][:]
     calls["valid"] = [bool(v) for v in valid]
+    from mcad_cache.cache import CacheReader
+
+    calls["manifest"] = CacheReader(str(tmp_path / "c")).manifest
     return golden.cache_digests(tmp_path / "c"), calls
 
 
@@ -82,10 +86,47 @@ def test_tokens_of_pass_1_are_reused(tmp_path, tiny_bert_tokenizer_dir, monkeypa
 
 
 def test_bounded_scratch_recomputes(tmp_path, tiny_bert_tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(itm, "TOKEN_SCRATCH_MAX_BYTES", 0)  # nothing fits: every unit is recomputed in pass 3a
-    got, calls = _build(tmp_path, tiny_bert_tokenizer_dir, monkeypatch)
+    # a cap of 1e-9 GiB (1 byte): nothing fits, every unit is recomputed in pass 3a
+    got, calls = _build(tmp_path, tiny_bert_tokenizer_dir, monkeypatch, token_scratch_gib=1e-9)
     _same_as_golden(got)
     assert calls["image_tokens"] == 1 + 2 * sum(calls["valid"])
+
+
+def test_default_cap_is_the_documented_bound():
+    from mcad_cache.config import BuildConfig
+
+    assert BuildConfig().token_scratch_gib * 2**30 == itm.TOKEN_SCRATCH_MAX_BYTES
+
+
+def test_scratch_off_gives_identical_arrays_and_is_not_fingerprinted(tmp_path, tiny_bert_tokenizer_dir, monkeypatch):
+    """--token-scratch-gib 0: pass 1 runs encode_image, pass 3a the tower again (the pre-issue-11 path); every array
+    equals the default build's bit for bit, the cap is in the manifest's build config and not in the fingerprint."""
+    on, calls_on = _build(tmp_path / "on", tiny_bert_tokenizer_dir, monkeypatch)
+    off, calls_off = _build(tmp_path / "off", tiny_bert_tokenizer_dir, monkeypatch, token_scratch_gib=0)
+    assert {n: d["sha256"] for n, d in off.items()} == {n: d["sha256"] for n, d in on.items()}
+    n_valid = sum(calls_off["valid"])
+    assert calls_off["encode_image"] == n_valid  # pass 1: the tower through encode_image, no tokens kept
+    assert calls_off["image_tokens"] == 1 + n_valid  # the probe, then pass 3a once per image
+    assert calls_on["encode_image"] == 0 and calls_on["image_tokens"] == 1 + n_valid
+    assert calls_off["manifest"]["build"]["config"]["token_scratch_gib"] == 0
+    assert calls_on["manifest"]["build"]["config"]["token_scratch_gib"] == 8.0
+    def fingerprint(calls: dict) -> dict:  # the shards are written twice (tar mtimes differ): compare the rest
+        return {k: v for k, v in calls["manifest"]["fingerprint"].items() if k != "data"}
+
+    assert fingerprint(calls_off) == fingerprint(calls_on)
+    assert "token_scratch" not in json.dumps(calls_on["manifest"]["fingerprint"])
+
+
+def test_negative_cap_is_one_config_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from mcad_cache.cli.app import app
+
+    result = CliRunner().invoke(app, ["build", "--data", str(tmp_path / "x.tar"), "--out", str(tmp_path / "c"),
+                                      "--token-scratch-gib", "-1"])  # fmt: skip
+    assert result.exit_code != 0
+    assert "--token-scratch-gib must be >= 0" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_missing_slot_file_recomputes_that_unit(tmp_path, tiny_bert_tokenizer_dir, monkeypatch):

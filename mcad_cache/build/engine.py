@@ -30,7 +30,7 @@ from mcad_cache.build.candidates import pass_topk
 from mcad_cache.build.coordination import BuildLock, RankSync, open_existing
 from mcad_cache.build.embeddings import pass_image_embeddings, pass_text_embeddings
 from mcad_cache.build.fingerprint import build_fingerprint, supports_itm
-from mcad_cache.build.itm import TokenScratch, pass_itm_images, pass_itm_texts, scratch_dir
+from mcad_cache.build.itm import pass_itm_images, pass_itm_texts, scratch_dir, token_scratch_for
 from mcad_cache.build.layout import MAX_SKIP_EXAMPLES, Rows, create_cache, rows_from_store, scan_rows
 from mcad_cache.build.units import ImageSource
 from mcad_cache.build.views import pass_view_embeddings, with_view_stage
@@ -274,7 +274,9 @@ def _run_passes(
     )
     t0 = time.perf_counter()
     single = writer.layout.kind == "single" and supports_itm(teacher)
-    tokens = TokenScratch(writer, batch_size=config.batch_size) if single else None  # pass 1 -> 3a (issue 11)
+    tokens = (  # pass 1 -> 3a (issue 11); None with --token-scratch-gib 0
+        token_scratch_for(writer, batch_size=config.batch_size, cap_gib=config.token_scratch_gib) if single else None
+    )
     on = {"rank": rank, "world_size": world}  # every pass computes only this rank's units
     encode = {"images": images, "batch_size": config.batch_size, "device": device, "precision": precision, **on}
     pass_image_embeddings(writer, teacher, keep_tokens=tokens, **encode)

@@ -50,6 +50,8 @@ def check_config(config: BuildConfig) -> None:
         problems.append("topk_backend=faiss needs faiss-cpu: pip install 'mcad-cache[faiss]'")
     if not config.data:
         problems.append("no --data shards given")
+    if not config.token_scratch_gib >= 0:  # also refuses NaN
+        problems.append(f"--token-scratch-gib must be >= 0 (0 = off), got {config.token_scratch_gib}")
     check_views_config(config)  # issue 16: --views / --augment (raises ConfigError)
     if config.world_size < 1 or not 0 <= config.rank < config.world_size:
         problems.append(f"need 0 <= rank < world_size, got rank={config.rank}, world_size={config.world_size}")

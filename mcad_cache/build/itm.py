@@ -10,9 +10,11 @@ model call of the build; pass 1 needs its ITC embedding and pass 3a the tokens t
 therefore runs ``image_tokens`` + ``encode_image_from_tokens`` and hands the tokens to a :class:`TokenScratch`, which
 keeps them per batch slot under ``build/scratch/tokens/`` (one safetensors file per slot, written atomically), and
 pass 3a scores a unit from them instead of decoding its images and running the tower again. The scratch is
-**bounded**: a unit is kept only if it fits in ``max_bytes`` (default :data:`TOKEN_SCRATCH_MAX_BYTES`, 8 GiB: about
+**bounded**: a unit is kept only if it fits in ``max_bytes`` (``build --token-scratch-gib``, default 8 GiB: about
 4,800 ALBEF-base images at 577 x 768 float32 tokens, 1.77 MB each, fp32 so that reuse gives bit-identical ITM logits);
-the units that do not fit are recomputed as before. It is **resume-safe**: pass 1 clears a unit's token files before
+the units that do not fit are recomputed as before. A cap of 0 turns the scratch off (:func:`token_scratch_for`):
+pass 3a then runs the image tower again, as before issue 11. The cap is not in the fingerprint (the arrays are the
+same with any cap), so a resumed build may use another one. It is **resume-safe**: pass 1 clears a unit's token files before
 writing them again, pass 3a uses a unit's tokens only when every batch slot of the unit has its file (otherwise it
 recomputes the unit), and deletes them once the unit is committed; the whole scratch folder is deleted when the
 cache is complete.
@@ -39,6 +41,7 @@ from mcad_cache.teachers.base import SingleStreamTeacher
 from mcad_cache.teachers.text_states import TextStateCache, supports_text_states
 
 TOKEN_SCRATCH_MAX_BYTES = 8 * 2**30  # bound of the pass-1 image-token scratch (our choice; docs/benchmarks.md, 1)
+# (BuildConfig.token_scratch_gib's default, 8.0, is this bound in GiB: tests/test_itm_tokens.py checks they agree)
 
 
 class TokenScratch:
@@ -116,6 +119,23 @@ class TokenScratch:
     def clear(self) -> None:
         """Delete every token file."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def token_scratch_for(writer: CacheWriter, *, batch_size: int, cap_gib: float) -> TokenScratch | None:
+    """The pass 1 -> 3a token scratch of a build with ``build --token-scratch-gib cap_gib``, or None when the cap is
+    0 (off: pass 1 runs ``encode_image`` and pass 3a runs the image tower again, the behaviour before issue 11).
+
+    The cap changes speed and disk use only: the arrays are bit-identical either way (fp32 tokens), so it is recorded
+    in the manifest's ``build.config`` and not in the fingerprint; a resumed build may use another cap.
+
+    Raises:
+        ValueError: ``cap_gib`` < 0 (``build.fingerprint.check_config`` refuses it first, as a ConfigError).
+    """
+    if cap_gib < 0:
+        raise ValueError(f"token_scratch_gib must be >= 0, got {cap_gib}")
+    if cap_gib == 0:
+        return None
+    return TokenScratch(writer, batch_size=batch_size, max_bytes=int(cap_gib * 2**30))
 
 
 def pair_plan(writer: CacheWriter) -> dict[str, np.ndarray]:
@@ -351,4 +371,5 @@ __all__ = [
     "pass_itm_texts",
     "save_scratch",
     "scratch_dir",
+    "token_scratch_for",
 ]
