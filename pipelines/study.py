@@ -30,6 +30,7 @@ from mcad_cache.distill import rundir as rd
 from mcad_cache.errors import ConfigError
 from mcad_cache.eval import encode_retrieval_set, evaluate_dual
 from mcad_cache.hashing import state_dict_sha256
+from mcad_cache.integrate.derived import is_derived, open_derived
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.runtime import resolve_device
 from mcad_cache.student import create_student
@@ -63,7 +64,7 @@ def plan_of(config: StudyConfig) -> StudyPlan:
 def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str) -> DistillConfig:
     """The ``DistillConfig`` of one run: the study's shared settings plus the preset, the paired seed and the folder."""
     return DistillConfig(
-        cache=tuple(config.cache), data=tuple(config.data), out=out, student=config.student, preset=preset,
+        cache=config.caches_for(preset), data=tuple(config.data), out=out, student=config.student, preset=preset,
         k=config.k, batch_size=config.batch_size, steps=config.steps, lr=config.lr,
         weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
         workers=config.workers, device=config.device, precision=config.precision, seed=seed,
@@ -83,7 +84,8 @@ def study_context(config: StudyConfig) -> dict[str, Any]:
     shards = {
         name: [(p, Path(p).stat().st_size) for p in expand_shards(getattr(config, name))] for name in ("data", "test")
     }
-    caches = [open_cache(p).fingerprint for p in config.cache]
+    paths = [*config.cache, config.targets] if config.targets else list(config.cache)
+    caches = [(open_derived if is_derived(p) else open_cache)(p).fingerprint for p in paths]
     return {"settings": shared, "shards": shards, "caches": caches}
 
 
