@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mcad_cache.cache import open_cache
 from mcad_cache.config import BuildConfig, EvalConfig, ImportConfig, config_to_dict, load_config
 from mcad_cache.demo import openclipart, prepare_teachers
@@ -175,6 +177,8 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
         DataSourceError: the openclipart packages cannot be fetched; any error of the steps it runs.
     """
     t_start, c_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)  # every step runs in this process (the teachers' passes included)
     work = Path(config.work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
