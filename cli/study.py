@@ -41,6 +41,9 @@ def study(
     cache: Annotated[
         list[str], typer.Option("--cache", help="teacher cache (repeat: one CLIP, one ALBEF/BLIP)")
     ] = None,
+    targets: Annotated[
+        str, typer.Option(help="derived cache (`mcad-cache integrate`) the fixed-target presets (mcad) read")
+    ] = None,
     data: Annotated[list[str], typer.Option("--data", help="training shards (paths, globs, brace patterns)")] = None,
     test: Annotated[list[str], typer.Option("--test", help="test shards every run is evaluated on")] = None,
     val: Annotated[list[str], typer.Option("--val", help="val shards (frozen towers: the val curve)")] = None,
@@ -89,7 +92,7 @@ def study(
     except json.JSONDecodeError as err:
         raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
     cfg = call_pipeline(
-        load_config, pipeline.StudyConfig, config, cache=cache or None, data=data or None, test=test or None,
+        load_config, pipeline.StudyConfig, config, cache=cache or None, targets=targets, data=data or None, test=test or None,
         val=val or None, frozen_towers=frozen_towers, out=out, presets=presets or None, seeds=seeds, target=target,
         baseline=baseline, target_mde=target_mde,
         student=student, k=k, batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps,

@@ -32,6 +32,7 @@ from mcad_cache.distill import TrainState, create_distill, train_loop
 from mcad_cache.distill import rundir as rd
 from mcad_cache.errors import ConfigError
 from mcad_cache.eval import encode_retrieval_set, evaluate_dual
+from mcad_cache.integrate.derived import is_derived, open_derived
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.study import RunSpec, StudyPlan, run_study, summarise_study, write_study
 from mcad_cache.study.arms import Arm, arm_config, arm_name, parse_arm, parse_arms
@@ -66,20 +67,23 @@ def plan_of(config: StudyConfig) -> StudyPlan:
 
 def distill_config(config: StudyConfig, *, preset: str, seed: int, out: str, arm: Arm | None = None) -> DistillConfig:
     """The ``DistillConfig`` of one run: the study's shared settings plus the arm (``arm``, else the entry ``preset``:
-    a preset, or a preset with overrides, ``study.arms``), the paired seed and the folder.
+    a preset, or a preset with overrides, ``study.arms``), the paired seed and the folder. Presets that read fixed
+    targets get the derived cache (``StudyConfig.caches_for``).
 
     Raises:
         ConfigError: a bad arm.
     """
+    arm = arm if arm is not None else parse_arm(preset)
     base = DistillConfig(
-        cache=tuple(config.cache), data=tuple(config.data), out=out, student=config.student, preset="contrastive",
+        cache=config.caches_for(arm.preset), data=tuple(config.data), out=out, student=config.student,
+        preset="contrastive",
         k=config.k, batch_size=config.batch_size, steps=config.steps, lr=config.lr,
         weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
         workers=config.workers, device=config.device, precision=config.precision, seed=seed,
         shuffle_buffer=config.shuffle_buffer, log_every=config.log_every, resume=False, threads=config.threads,
         loss=dict(config.loss),
     )  # fmt: skip
-    return arm_config(base, arm if arm is not None else parse_arm(preset))
+    return arm_config(base, arm)
 
 
 def study_context(config: StudyConfig) -> dict[str, Any]:
@@ -93,7 +97,8 @@ def study_context(config: StudyConfig) -> dict[str, Any]:
     shards = {
         name: [(p, Path(p).stat().st_size) for p in expand_shards(getattr(config, name))] for name in ("data", "test")
     }
-    caches = [open_cache(p).fingerprint for p in config.cache]
+    paths = [*config.cache, config.targets] if config.targets else list(config.cache)
+    caches = [(open_derived if is_derived(p) else open_cache)(p).fingerprint for p in paths]
     return {"settings": shared, "shards": shards, "caches": caches}
 
 

@@ -70,3 +70,20 @@ def test_chance_recall_matches_a_hand_computed_case():
     assert got["i2t_R@1"] == pytest.approx(25.0)
     assert got["i2t_R@5"] == pytest.approx(100 * (1 - 6 / 56))
     assert got["t2i_R@1"] == pytest.approx(25.0) and got["t2i_R@5"] == pytest.approx(100.0)
+
+
+def test_study_routes_only_fixed_target_presets_to_the_derived_cache(tmp_path):
+    config = DemoConfig(work=str(tmp_path))
+    scfg = demo.study_config(
+        config, caches=["clip.zarr", "albef.zarr"], data=["d.tar"], val=["v.tar"], test=["t.tar"], student="s.json",
+        work=tmp_path, targets="targets.zarr",
+    )  # fmt: skip
+    assert config.target == "mcad" and config.target in config.presets
+    assert scfg.caches_for("mcad") == ("targets.zarr",) and scfg.caches_for("mcad-rank") == ("targets.zarr",)
+    for name in ("contrastive", "clip-kd", "clip-kd-feat", "single-topk", "mcad-online"):
+        assert scfg.caches_for(name) == ("clip.zarr", "albef.zarr")
+    without = demo.study_config(
+        config, caches=["clip.zarr"], data=["d.tar"], val=[], test=["t.tar"], student="s.json", work=tmp_path
+    )
+    assert without.caches_for("mcad") == ("clip.zarr",)  # no derived cache: the factory names the missing stage
+    assert without.out != scfg.out  # another setting, another study folder

@@ -117,8 +117,19 @@ def write_report(work: Path, summary: dict[str, Any]) -> Path:
             f"![val curve]({_rel(summary['val_curve'], work)})",
         ]
         lines.append("")
-    lines += ["## Timings", "", "| step | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
+    machine = summary.get("machine", {})
+    lines += [
+        "## Timings",
+        "",
+        f"{machine.get('cpus', '?')} CPUs; load average (1, 5, 15 min) {machine.get('load_average_start')} at the "
+        f"start, {machine.get('load_average_end')} at the end. Wall seconds grow with the machine's load; CPU seconds "
+        "(this process and its finished workers, `getrusage`) much less.",
+        "",
+        "| step | wall s | CPU s |",
+        "|---|---:|---:|",
+    ]
+    cpu = summary.get("cpu_s", {})
+    lines += [f"| {k.removesuffix('_s')} | {v} | {cpu.get(k, '')} |" for k, v in summary["timings_s"].items()]
     path = work / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

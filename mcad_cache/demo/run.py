@@ -9,22 +9,31 @@ Steps (each reused when its output is already complete, so a second run skips fi
    ALBEF-architecture single-stream teacher built from pretrained towers that PyPI packages ship, tuned once;
    the premise check (single-stream ITM re-rank beats dual-stream on val RSUM) comes from their val recall;
 4. ``build`` the CLIP and ALBEF caches on the first ``train_images`` train images (the product's real build path);
-5. ``eval`` both teachers on the test split (ALBEF: ITM-only re-rank of the ITC top-``k_test``);
-6. ``study`` (``pipelines.study``, frozen towers): ``presets`` x ``seeds`` paired students from the same caches,
-   each evaluated on the test split; paired Δ RSUM with t-interval, Wilcoxon p, Holm, MDE, plots;
-7. write ``report.md``: three headline lines (teachers and premise, MCAD vs contrastive, MCAD vs the best
-   single-teacher preset), the tables, plots, a val curve and the time table.
+5. ``integrate`` (``pipelines.integrate``, ``integration``): the integration module trained once on the two caches,
+   its fixed targets written to a derived cache (``caches/targets.zarr``) that the ``mcad`` preset reads;
+6. ``eval`` both teachers on the test split (ALBEF: ITM-only re-rank of the ITC top-``k_test``);
+7. ``study`` (``pipelines.study``, frozen towers): ``presets`` x ``seeds`` paired students from the same caches
+   (``mcad``: the derived cache), each evaluated on the test split; paired Δ RSUM with t-interval, Wilcoxon p,
+   Holm, MDE, plots;
+8. write ``report.md``: three headline lines (teachers and premise, MCAD vs contrastive, MCAD vs the best
+   single-teacher preset), the tables, plots, a val curve and the time table (wall and CPU seconds per step, load).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
+import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mcad_cache.cache import open_cache
 from mcad_cache.config import BuildConfig, EvalConfig, ImportConfig, config_to_dict, load_config
@@ -35,7 +44,8 @@ from mcad_cache.demo.report import RECALL_KEYS, chance_recall, plot_val_curve, p
 from mcad_cache.demo.report import write_report as write_report
 from mcad_cache.errors import DataError
 from mcad_cache.hashing import json_sha256
-from mcad_cache.pipelines import build_cache, data_import, evaluate, study, verify
+from mcad_cache.integrate.config import IntegrateConfig
+from mcad_cache.pipelines import build_cache, data_import, evaluate, integrate, study, verify
 from mcad_cache.progress import ProgressFn, no_progress
 from mcad_cache.student import CONFIG_DIR as STUDENT_CONFIG_DIR
 from mcad_cache.study.report import mde_sentence
@@ -43,6 +53,24 @@ from mcad_cache.study.report import mde_sentence
 _logger = logging.getLogger(__name__)
 
 __all__ = ["RECALL_KEYS", "chance_recall", "demo_student", "run", "write_report"]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children (DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextlib.contextmanager
+def stage(timings: dict[str, float], cpu: dict[str, float], name: str) -> Iterator[None]:
+    """Record the block's wall seconds in ``timings[name + "_s"]`` and its CPU seconds in ``cpu[name + "_s"]`` (the
+    fairer figure on a shared machine: wall grows with the load, CPU time much less)."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    try:
+        yield
+    finally:
+        timings[f"{name}_s"] = time.perf_counter() - t0
+        cpu[f"{name}_s"] = cpu_seconds() - c0
 
 
 def _shards(root: Path, split: str) -> list[str]:
@@ -127,15 +155,16 @@ def _eval(cfg: EvalConfig, progress: ProgressFn) -> dict[str, Any]:
 
 
 def study_config(config: DemoConfig, *, caches: list[str], data: list[str], val: list[str], test: list[str],
-                 student: str, work: Path) -> study.StudyConfig:  # fmt: skip
+                 student: str, work: Path, targets: str = "") -> study.StudyConfig:  # fmt: skip
     """The demo's study: every choice from ``DemoConfig`` (docs/demo.md), frozen towers, in ``work/study/<sha>``
-    (a folder per setting, so a changed setting never meets runs made with another)."""
+    (a folder per setting, so a changed setting never meets runs made with another); ``targets`` is the derived
+    cache the fixed-target presets (``mcad``) read instead of the teacher caches."""
     cfg = study.StudyConfig(
         cache=tuple(caches), data=tuple(data), test=tuple(test), val=tuple(val), frozen_towers=True,
         presets=tuple(config.presets), seeds=config.seeds, target=config.target, baseline="contrastive",
         student=student, k=config.distill_k, batch_size=config.batch_size, steps=config.steps, lr=config.lr,
         warmup_steps=config.warmup_steps, loss=dict(config.loss), eval_batch_size=config.build_batch_size,
-        workers=config.workers, threads=config.threads, log_every=config.log_every,
+        workers=config.workers, threads=config.threads, log_every=config.log_every, targets=targets,
     )  # fmt: skip
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ("seeds", "presets", "out")}
     return dataclasses.replace(cfg, out=str(work / "study" / json_sha256(settings)[:12]))
@@ -147,71 +176,80 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
     Raises:
         DataSourceError: the openclipart packages cannot be fetched; any error of the steps it runs.
     """
-    t_start = time.perf_counter()
+    t_start, c_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)  # every step runs in this process (the teachers' passes included)
     work = Path(config.work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    shards_root = _import(config, work, progress)
-    train, val, test = (_shards(shards_root, s) for s in ("train", "val", "test"))
-    timings["import_s"] = time.perf_counter() - t0
+    with stage(timings, cpu, "import"):
+        shards_root = _import(config, work, progress)
+        train, val, test = (_shards(shards_root, s) for s in ("train", "val", "test"))
 
-    t0 = time.perf_counter()
-    verify_report = verify.run(train + val + test, json_out=str(work / "verify.json"))
+    with stage(timings, cpu, "verify"):
+        verify_report = verify.run(train + val + test, json_out=str(work / "verify.json"))
     if not verify_report.ok:
         raise DataError(
             "verify", shard=str(shards_root), detail=f"data verify found problems: see {work / 'verify.json'}"
         )
-    timings["verify_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    teachers_cfg = load_config(TeachersConfig, None, **config.teachers)
-    teachers = prepare_teachers.run(
-        teachers_cfg, shards_root=str(shards_root), out=str(work / "teachers"), seed=config.seed, progress=progress
-    )
-    student = demo_student(config, work, teachers=teachers_cfg)
-    timings["prepare_teachers_s"] = time.perf_counter() - t0
+    with stage(timings, cpu, "prepare_teachers"):
+        teachers_cfg = load_config(TeachersConfig, None, **config.teachers)
+        teachers = prepare_teachers.run(
+            teachers_cfg, shards_root=str(shards_root), out=str(work / "teachers"), seed=config.seed, progress=progress
+        )
+        student = demo_student(config, work, teachers=teachers_cfg)
 
     cached = cache_shards(train, train_images=config.train_images, samples_per_shard=config.samples_per_shard)
     caches: dict[str, str] = {}
     for name in ("clip", "albef"):
-        t0 = time.perf_counter()
         spec = teachers[name]
         out = work / "caches" / f"{name}.zarr"
-        result = build_cache.run(
-            BuildConfig(
-                teacher=name, data=tuple(cached), out=str(out), model=spec["model"], pretrained=spec["pretrained"],
-                k=config.k, batch_size=config.build_batch_size, workers=config.workers,
-                fused_dtype=config.fused_dtype, threads=config.threads,
+        with stage(timings, cpu, f"build_{name}"):
+            result = build_cache.run(
+                BuildConfig(
+                    teacher=name, data=tuple(cached), out=str(out), model=spec["model"],
+                    pretrained=spec["pretrained"], k=config.k, batch_size=config.build_batch_size,
+                    workers=config.workers, fused_dtype=config.fused_dtype, threads=config.threads,
+                ),
+                progress=progress,
+            )  # fmt: skip
+        _logger.info("step 4: %s cache %s (%s)", name, out, result.status)
+        caches[name] = str(out)
+
+    with stage(timings, cpu, "integrate"):
+        derived = integrate.run(
+            IntegrateConfig(
+                cache=(caches["clip"], caches["albef"]), out=str(work / "caches" / "targets.zarr"),
+                integration=config.integration, steps=config.integrate_steps, seed=config.seed,
+                threads=config.threads, overwrite=True,
             ),
             progress=progress,
         )  # fmt: skip
-        _logger.info("step 4: %s cache %s (%s)", name, out, result.status)
-        caches[name] = str(out)
-        timings[f"build_{name}_s"] = time.perf_counter() - t0
+    _logger.info("step 5: derived targets %s (%s)", derived.path, derived.status)
 
-    t0 = time.perf_counter()
     teachers_test: dict[str, dict[str, Any]] = {}
-    for name in ("clip", "albef"):
-        cfg = EvalConfig(
-            teacher=name, model=teachers[name]["model"], pretrained=teachers[name]["pretrained"], data=tuple(test),
-            out=str(work / "eval" / f"{name}.json"), batch_size=config.build_batch_size, workers=config.workers,
-            k_test=config.k_test, itm_score="itm", threads=config.threads,
-        )  # fmt: skip
-        teachers_test[name] = _eval(cfg, progress)
-    timings["eval_teachers_s"] = time.perf_counter() - t0
+    with stage(timings, cpu, "eval_teachers"):
+        for name in ("clip", "albef"):
+            cfg = EvalConfig(
+                teacher=name, model=teachers[name]["model"], pretrained=teachers[name]["pretrained"],
+                data=tuple(test), out=str(work / "eval" / f"{name}.json"), batch_size=config.build_batch_size,
+                workers=config.workers, k_test=config.k_test, itm_score="itm", threads=config.threads,
+            )  # fmt: skip
+            teachers_test[name] = _eval(cfg, progress)
 
-    t0 = time.perf_counter()
-    scfg = study_config(
-        config, caches=list(caches.values()), data=cached, val=val, test=test, student=student, work=work
-    )
-    result = study.run(scfg, progress=progress)
-    timings["study_s"] = time.perf_counter() - t0
+    with stage(timings, cpu, "study"):
+        scfg = study_config(
+            config, caches=list(caches.values()), data=cached, val=val, test=test, student=student, work=work,
+            targets=str(derived.path),
+        )
+        result = study.run(scfg, progress=progress)
     timings["study_runs_wall_s"] = sum(r["wall_s"] for r in result["runs"])
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     example = Path(scfg.out) / "runs" / config.target / "seed-0" / "metrics.jsonl"
     val_curve = plot_val_curve(example, work / "val_curve.png")
     premise = premise_check(teachers)
@@ -227,7 +265,7 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
         },
         "teachers": {n: {k: teachers[n][k] for k in ("model", "pretrained", "val")} for n in ("clip", "albef")},
         "teachers_test": {n: {"metrics": r["metrics"], "protocol": r["protocol"]} for n, r in teachers_test.items()},
-        "caches": caches,
+        "caches": {**caches, "targets": str(derived.path)},
         "chance": chance_recall(proto["num_images"], proto["num_captions"]),
         "study": {
             **{k: result[k] for k in ("presets", "comparisons", "best_single", "mde", "seeds", "report")},
@@ -236,9 +274,15 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
         },
         "val_curve": str(val_curve) if val_curve else None,
     }
-    timings["report_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
+    timings["report_s"], cpu["report_s"] = time.perf_counter() - t0, cpu_seconds() - c0
+    timings["total_s"], cpu["total_s"] = time.perf_counter() - t_start, cpu_seconds() - c_start
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
+    summary["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
     summary["report"] = str(write_report(work, summary))
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for line in summary["headline"]:

@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcad_cache.constants import DEFAULT_K
+from mcad_cache.losses import preset as loss_preset
 from mcad_cache.study.runner import CORE_PRESETS, SINGLE_TEACHER_PRESETS
 
 
 @dataclass(frozen=True)
 class StudyConfig:
     cache: tuple[str, ...] = ()  # teacher caches shared by every run (one dual-stream, optionally one single-stream)
+    targets: str = ""  # derived cache (`mcad-cache integrate`) read instead of `cache` by fixed-target presets (mcad)
     data: tuple[str, ...] = ()  # training shards (the data the caches were built on)
     test: tuple[str, ...] = ()  # test shards every run is evaluated on (no cache needed)
     out: str = ".work/study"  # study folder: context.json, runs/<preset>/seed-<s>/, study.json, study.md, plots
@@ -39,3 +41,14 @@ class StudyConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     threads: int = 0  # torch intra-op CPU threads (0 = torch's default)
     log_every: int = 10  # steps between lines in each run's metrics.jsonl
+
+    def caches_for(self, preset: str) -> tuple[str, ...]:
+        """The caches of one run: the derived cache ``targets`` for presets that read fixed targets (``mcad``,
+        ``mcad-rank``), the teacher caches ``cache`` for every other preset.
+
+        Raises:
+            ValueError: an unknown preset (lists the known ones).
+        """
+        if self.targets and loss_preset(preset).integration == "derived":
+            return (self.targets,)
+        return tuple(self.cache)
