@@ -108,6 +108,7 @@ def one_seed(args: Any, seed: int, caches: list[str], data: list[str], test: lis
             k=args.k, batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=min(10, args.steps),
             workers=args.workers, threads=torch.get_num_threads(), seed=seed, candidates=candidates,
             device=args.device, shuffle_buffer=256,
+            allow_view_mismatch=True,  # a gradient comparison: the tiny student's view need not be the teachers'
         )  # fmt: skip
 
     bank = create_distill(config("bank"))

@@ -81,3 +81,26 @@ def test_the_same_view_trains_and_records_no_mismatch(world, tmp_path):
     assert res.exit_code == 0, res.output
     assert "view_mismatch" not in json.loads((run / "config.json").read_text())
     assert json.loads((run / "summary.json").read_text())["view_mismatch"] == []
+
+
+def test_teachers_that_disagree_check_the_student_against_the_dual_stream_view(caplog):
+    """Real CLIP crops and real ALBEF squashes: no student matches both, so the first (dual-stream) cache's view is
+    the one checked, with a warning naming both (as ``integrate`` records the dual-stream parent's view)."""
+    import logging
+    from types import SimpleNamespace
+
+    from mcad_cache.distill.join import check_student_view
+    from mcad_cache.errors import ConfigError
+
+    def cache(path: str, resize_mode: str, crop: str | None) -> SimpleNamespace:
+        pre = {"image_size": 224, "resize_mode": resize_mode, "crop": crop}
+        return SimpleNamespace(path=path, fingerprint={"preprocess": pre})
+
+    clip, albef = cache("clip.zarr", "shortest", "center"), cache("albef.zarr", "squash", None)
+    cropping = {"resize_mode": "shortest", "crop": "center"}
+    with caplog.at_level(logging.WARNING, logger="mcad_cache.distill.join"):
+        assert check_student_view([clip, albef], cropping) == []
+    assert "the teachers' caches saw different image views" in caplog.text
+    assert "checked against the first, clip.zarr" in caplog.text
+    with pytest.raises(ConfigError, match=r"clip.zarr \(resize_mode='shortest', crop='center'\)"):
+        check_student_view([clip, albef], {"resize_mode": "squash", "crop": None})

@@ -424,8 +424,10 @@ def check_student_view(
     cached KD targets describe the teacher's pixels.
 
     Args:
-        readers: the run's caches (teacher caches record ``fingerprint.preprocess``; a derived cache its ``view``).
-            A cache that records no view is skipped.
+        readers: the run's caches, dual-stream first (teacher caches record ``fingerprint.preprocess``; a derived
+            cache its ``view``, the dual-stream parent's). A cache that records no view is skipped. When the caches
+            saw different views (real CLIP crops, ALBEF squashes), no student matches them all: a warning names
+            them and the student is checked against the first (the dual-stream teacher's, as ``integrate`` records).
         student_preprocess: the student's ``preprocess_cfg``.
         allow_mismatch: warn and return the differences instead of raising (``--allow-view-mismatch``; the run
             records them).
@@ -437,11 +439,22 @@ def check_student_view(
             view and the fix (the student's ``resize_mode``, or ``--allow-view-mismatch``).
     """
     fields = tuple(f for f in VIEW_FIELDS if f != "image_size")
-    lines, teachers = [], {}
+    views = []
     for reader in readers:
-        if reader is None:
-            continue
-        view = reader.view if isinstance(reader, DerivedReader) else teacher_view(reader)
+        if reader is not None:
+            view = reader.view if isinstance(reader, DerivedReader) else teacher_view(reader)
+            views.append((reader, {f: view[f] for f in fields if f in view}))
+    views = [(reader, view) for reader, view in views if view]  # caches that record a view
+    if len({tuple(sorted(v.items(), key=str)) for _, v in views}) > 1:  # e.g. CLIP crops, ALBEF squashes
+        _logger.warning(
+            "the teachers' caches saw different image views (%s); no student view matches all: the student is "
+            "checked against the first, %s",
+            "; ".join(f"{r.path} {_view_text(v)}" for r, v in views),
+            views[0][0].path,
+        )
+        views = views[:1]
+    lines, teachers = [], {}
+    for reader, view in views:
         for name in fields:
             if name in view and view[name] != student_preprocess.get(name):
                 teachers.setdefault(str(reader.path), {f: view.get(f) for f in fields})
