@@ -14,6 +14,7 @@ import fake_teacher  # noqa: F401  (registers the "fake" teacher for the CLI run
 import numpy as np
 import pytest
 import zarr
+from distill_fixtures import make_shards
 from test_build import write_shards
 from typer.testing import CliRunner
 
@@ -124,3 +125,49 @@ def test_sequential_readers_stream_random_access_refuses(three_forms):
         ShardIndex(three_forms["pipe"])
     with pytest.raises(ConfigError, match="is a stream"):
         keys.read_image_bytes(keys.keys()[0])
+
+
+def test_eval_of_a_cache_on_streamed_test_shards(tmp_path):
+    plain = make_shards(tmp_path / "clean", num_samples=8, per_shard=4)  # eval refuses bad samples: clean shards
+    for tar in plain:
+        with open(tar, "rb") as src, gzip.open(f"{tar}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    forms = {"plain": plain, "pipe": [f"pipe:cat {p}" for p in plain], "gz": [f"{p}.gz" for p in plain]}
+    _build(plain, tmp_path / "c.zarr")
+    metrics = {}
+    for form, shards in forms.items():
+        out = tmp_path / f"{form}.json"
+        data = [a for s in shards for a in ("--data", s)]
+        res = runner.invoke(app, ["eval", "--model", str(tmp_path / "c.zarr"), *data, "--out", str(out), "--device",
+                                  "cpu"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        metrics[form] = json.loads(out.read_text())["metrics"]
+    assert metrics["plain"]["rsum"] > 0 and metrics["pipe"] == metrics["plain"] == metrics["gz"]
+
+
+def test_distill_online_candidates_refuse_a_stream_in_one_line(tmp_path):
+    plain = make_shards(tmp_path / "clean", num_samples=4, per_shard=4)
+    _build(plain, tmp_path / "c.zarr")
+    args = ["distill", "--data", f"pipe:cat {plain[0]}", "--cache", str(tmp_path / "c.zarr"), "--out",
+            str(tmp_path / "run"), "--preset", "clip-kd", "--loss", '{"w_topk_t2i": 1.0}', "--k", "3",
+            "--candidates", "online", "--student", "tiny", "--device", "cpu", "--workers", "0", "--steps", "1",
+            "--batch-size", "2"]  # fmt: skip
+    res = runner.invoke(app, args)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "Traceback" not in text, res.output
+    assert "is a stream" in text and "--candidates bank" in text, text
+
+
+def test_distill_with_a_candidate_bank_streams_and_matches_the_plain_tars(tmp_path):
+    plain = make_shards(tmp_path / "clean", num_samples=8, per_shard=4)
+    _build(plain, tmp_path / "c.zarr")
+    finals = {}
+    for form, shards in {"plain": plain, "pipe": [f"pipe:cat {p}" for p in plain]}.items():
+        args = ["distill", *[a for s in shards for a in ("--data", s)], "--cache", str(tmp_path / "c.zarr"), "--out",
+                str(tmp_path / form), "--preset", "clip-kd", "--loss", '{"w_topk_t2i": 1.0}', "--k", "3",
+                "--candidates", "bank", "--student", "tiny", "--device", "cpu", "--workers", "0", "--steps", "2",
+                "--batch-size", "4", "--shuffle-buffer", "0"]  # fmt: skip
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        finals[form] = json.loads((tmp_path / form / "summary.json").read_text())["final"]
+    assert finals["plain"]["topk_t2i_loss"] > 0 and finals["pipe"] == finals["plain"]

@@ -67,10 +67,12 @@ def _cuts(scan: ShardScan, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def plan_chunks(shards: list[str], *, chunk_size: int = CHUNK_SIZE) -> list[Chunk]:
-    """The canonical chunk list of ``shards`` (sorted shard order, tar order within a shard); headers only."""
+    """The canonical chunk list of ``shards`` (sorted shard order, tar order within a shard); headers only. A stream
+    shard (``pipe:``, URL, ``.tar.gz``) is one chunk: it is read whole, so one worker reads it once per epoch."""
     out: list[Chunk] = []
     for shard in shards:
-        ranges = _cuts(scan_shard(shard), max(1, int(chunk_size)))
+        scan = scan_shard(shard, keep_data=False)
+        ranges = _cuts(scan, len(scan.members) + 1 if scan.stream else max(1, int(chunk_size)))
         for j, (lo, hi) in enumerate(ranges):
             out.append(Chunk(index=len(out), shard=shard, lo=lo, hi=hi, last=j == len(ranges) - 1))
     return out

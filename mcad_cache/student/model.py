@@ -405,6 +405,12 @@ class DualEncoder(nn.Module):
             pcfg = self._preprocess_cfg
             image = {"image_model": self.image_tower.pretrained_cfg["architecture"], "image_mean": tuple(pcfg["mean"]),
                      "image_std": tuple(pcfg["std"]), "interpolation": pcfg["interpolation"]}  # fmt: skip
+            folder = Path(self.config.image_model.removeprefix("local-dir:")) / "config.json"
+            if self.config.image_model.startswith("local-dir:") and folder.is_file():  # the folder's model_args
+                args = {
+                    k: v for k, v in json.loads(folder.read_text()).get("model_args", {}).items() if k != "num_classes"
+                }
+                image["image_model_kwargs"] = {**args, **self.config.image_model_kwargs}
         return dataclasses.replace(
             self.config, image_pretrained="", text_model="", text_model_kwargs={}, text_config=text_config, **image,
             bn_stats="frozen" if self.freeze_bn_stats else "train",  # the resolved choice survives the reload
