@@ -121,7 +121,7 @@ def test_scratch_off_gives_identical_arrays_and_is_not_fingerprinted(tmp_path, t
 def test_negative_cap_is_one_config_error(tmp_path):
     from typer.testing import CliRunner
 
-    from mcad_cache.cli.app import app
+    from mcad_cache.cli.main import app
 
     result = CliRunner().invoke(app, ["build", "--data", str(tmp_path / "x.tar"), "--out", str(tmp_path / "c"),
                                       "--token-scratch-gib", "-1"])  # fmt: skip
