@@ -8,7 +8,10 @@ Two measurements, one process:
    candidates encoded exactly (an ``online`` run's join, weights copied in), both in eval mode (no dropout, BatchNorm
    on running statistics: deterministic). The cosine between the two flattened gradients is recorded per step, and
    the same for the full loss. (The measuring forward also writes its eval-mode anchors into the bank; the training
-   step overwrites them with its own.)
+   step overwrites them with its own.) The gap is split in two by a third gradient, **exact values, candidate side
+   detached** (the online candidates with their gradient cut, in-batch anchors kept live, as the bank does):
+   ``*_detached_vs_exact`` is what dropping the candidate side's gradient costs, ``*_bank_vs_detached`` what the
+   bank's stale values cost (1.0 = the bank's rows equal the current weights' embeddings).
 2. **Recall of both.** A second student is trained with ``--candidates online`` from the same initial weights, the
    same seed and data; both are evaluated on the test shards (R@1/5/10, RSUM; ``eval.evaluate_dual``).
 
@@ -36,6 +39,10 @@ NAME = "bank_fidelity"
 HEADLINE_KEYS = {
     "topk_grad_cosine_median": "median over steps (and seeds) of cos(bank top-k gradient, exact top-k gradient)",
     "loss_grad_cosine_median": "median over steps (and seeds) of cos(bank full-loss gradient, exact)",
+    "topk_grad_cosine_bank_vs_detached_median": "median of cos(bank top-k gradient, exact values with the candidate "
+    "side detached): the cost of the bank's stale values alone",
+    "topk_grad_cosine_detached_vs_exact_median": "median of cos(exact values, candidate side detached; exact): the "
+    "cost of giving the candidate side no gradient alone",
     "rsum_bank_minus_online": "mean over seeds of RSUM(bank student) - RSUM(online student) on the test shards",
 }
 REQUIRED_FIELDS = ("benchmark", "machine", "headline", "headline_keys", "settings", "per_seed")
@@ -45,9 +52,38 @@ def _grad(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
-def gradients(run: Any, batch: Any) -> dict[str, torch.Tensor]:
-    """Student-parameter gradients of the top-k terms and of the full loss, eval mode, for one joined batch."""
+class DetachedOnlineCandidates:
+    """The online candidate source with the candidate side's gradient cut: candidates encoded in the step (exact
+    values) but detached, except in-batch ones (index < B: an anchor's live embedding, as ``BankCandidates`` keeps)."""
+
+    online_images = True
+    online_texts = True
+
+    def __call__(self, batch: Any, image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[Any, Any]:
+        from mcad_cache.distill.forward import ONLINE_CANDIDATES
+
+        b = batch.num_pairs
+        topk_text, topk_image = ONLINE_CANDIDATES(batch, image_emb, text_emb)
+
+        def cut(emb: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+            if emb is None or index is None:
+                return emb
+            live = (index.to(emb.device) < b).unsqueeze(-1)
+            return torch.where(live, emb, emb.detach())
+
+        return cut(topk_text, batch.topk_text_index), cut(topk_image, batch.topk_image_index)
+
+
+def gradients(run: Any, batch: Any, *, candidates: Any = None) -> dict[str, torch.Tensor]:
+    """Student-parameter gradients of the top-k terms and of the full loss, eval mode, for one joined batch
+    (``candidates``: another candidate source than the run's)."""
+    from mcad_cache.distill.forward import distill_forward
     from mcad_cache.runtime import autocast
+
+    def forward(model: Any, loss_module: Any, b: Any) -> dict[str, torch.Tensor]:
+        if candidates is None:
+            return run.forward(model, loss_module, b)
+        return distill_forward(model, loss_module, b, candidates=candidates)
 
     out = {}
     for name, keep in (("topk", lambda k: k.startswith("topk_")), ("loss", lambda k: k == "loss")):
@@ -56,7 +92,7 @@ def gradients(run: Any, batch: Any) -> dict[str, torch.Tensor]:
         run.model.zero_grad(set_to_none=True)
         run.loss_module.zero_grad(set_to_none=True)
         with autocast(run.device, run.config.precision):
-            losses = run.forward(run.model, run.loss_module, batch)
+            losses = forward(run.model, run.loss_module, batch)
         total = sum(v for k, v in losses.items() if keep(k))
         total.backward()
         out[name] = _grad(run.model).detach().clone()
@@ -117,11 +153,19 @@ def one_seed(args: Any, seed: int, caches: list[str], data: list[str], test: lis
     def measure(step: int, raw: Any, batch: Any) -> dict[str, float]:
         probe.model.load_state_dict(bank.model.state_dict())
         probe.loss_module.load_state_dict(bank.loss_module.state_dict())
-        exact = gradients(probe, probe.join(raw, step))
+        exact_batch = probe.join(raw, step)
+        exact = gradients(probe, exact_batch)
+        detached = gradients(probe, exact_batch, candidates=DetachedOnlineCandidates())
         approx = gradients(bank, batch)
-        cos = {k: float(torch.nn.functional.cosine_similarity(exact[k], approx[k], dim=0)) for k in exact}
+
+        def cosines(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+            return {k: float(torch.nn.functional.cosine_similarity(a[k], b[k], dim=0)) for k in a}
+
+        cos, stale, cut = cosines(exact, approx), cosines(detached, approx), cosines(exact, detached)
         src = bank.bank
         return {"step": step, "topk_cos": cos["topk"], "loss_cos": cos["loss"],
+                "topk_cos_bank_vs_detached": stale["topk"], "loss_cos_bank_vs_detached": stale["loss"],
+                "topk_cos_detached_vs_exact": cut["topk"], "loss_cos_detached_vs_exact": cut["loss"],
                 "bank_age_image": src.last_age.get("image", float("nan")),
                 "bank_age_text": src.last_age.get("text", float("nan"))}  # fmt: skip
 
@@ -130,6 +174,9 @@ def one_seed(args: Any, seed: int, caches: list[str], data: list[str], test: lis
     out: dict[str, Any] = {"seed": seed, "per_step": rows}
     out["topk_grad_cosine_median"] = statistics.median(r["topk_cos"] for r in rows)
     out["loss_grad_cosine_median"] = statistics.median(r["loss_cos"] for r in rows)
+    for name in ("topk_cos_bank_vs_detached", "topk_cos_detached_vs_exact", "loss_cos_bank_vs_detached",
+                 "loss_cos_detached_vs_exact"):  # fmt: skip
+        out[name + "_median"] = statistics.median(r[name] for r in rows)
     if test:
         del probe
         online = create_distill(config("online"))
@@ -185,17 +232,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     headline = {
         "topk_grad_cosine_median": statistics.median(r["topk_grad_cosine_median"] for r in per_seed),
         "loss_grad_cosine_median": statistics.median(r["loss_grad_cosine_median"] for r in per_seed),
+        "topk_grad_cosine_bank_vs_detached_median": statistics.median(
+            r["topk_cos_bank_vs_detached_median"] for r in per_seed
+        ),
+        "topk_grad_cosine_detached_vs_exact_median": statistics.median(
+            r["topk_cos_detached_vs_exact_median"] for r in per_seed
+        ),
         "rsum_bank_minus_online": statistics.mean(r["rsum_bank_minus_online"] for r in per_seed)
         if test_shards
         else None,
     }
     rows = [
-        [r["seed"], r["topk_grad_cosine_median"], r["loss_grad_cosine_median"],
+        [r["seed"], r["topk_grad_cosine_median"], r["topk_cos_bank_vs_detached_median"],
+         r["topk_cos_detached_vs_exact_median"], r["loss_grad_cosine_median"],
          r.get("metrics_bank", {}).get("rsum"), r.get("metrics_online", {}).get("rsum")]
         for r in per_seed
     ]  # fmt: skip
     C.print_table(f"Bank fidelity ({source}; {args.steps} steps, batch {args.batch_size}, k {args.k})",
-                  ["seed", "top-k grad cos (median)", "loss grad cos (median)", "RSUM bank", "RSUM online"],
+                  ["seed", "top-k grad cos bank vs exact (median)", "bank vs detached (stale values)",
+                   "detached vs exact (no candidate grad)", "loss grad cos (median)", "RSUM bank", "RSUM online"],
                   rows)  # fmt: skip
     payload = {
         "benchmark": NAME,

@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loss_s": loss_fw,
         "bank": {
             "initial_fill_s": t_fill,
+            "initial_fill_rows": dict(getattr(bank.run.bank.encoder, "last_counts", {}) or {}),
             "steps_per_epoch": steps_per_epoch,
             "rows": {
                 "images": int(bank.run.bank.bank.image_emb.shape[0]),

@@ -148,6 +148,11 @@ def test_bank_fidelity_quick(work):
     assert len(cos) == 3 and all(-1.0 <= c <= 1.0 for c in cos)
     assert p["headline"]["topk_grad_cosine_median"] == sorted(cos)[1]
     assert all(0.0 < r["loss_cos"] < 1.0 for r in seed["per_step"])  # related, but the bank is not exact
+    # step 1: the bank was just filled from the current weights, so its values are exact: the bank's gradient equals
+    # the exact-values, detached-candidates one, and the whole gap is the candidate side's missing gradient
+    first = seed["per_step"][0]
+    assert first["topk_cos_bank_vs_detached"] == pytest.approx(1.0, abs=1e-4)
+    assert first["topk_cos_detached_vs_exact"] == pytest.approx(first["topk_cos"], abs=1e-4)
     assert p["headline"]["rsum_bank_minus_online"] is None  # synthetic teachers: no recall claimed
 
 

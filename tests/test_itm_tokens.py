@@ -110,6 +110,7 @@ def test_scratch_off_gives_identical_arrays_and_is_not_fingerprinted(tmp_path, t
     assert calls_on["encode_image"] == 0 and calls_on["image_tokens"] == 1 + n_valid
     assert calls_off["manifest"]["build"]["config"]["token_scratch_gib"] == 0
     assert calls_on["manifest"]["build"]["config"]["token_scratch_gib"] == 8.0
+
     def fingerprint(calls: dict) -> dict:  # the shards are written twice (tar mtimes differ): compare the rest
         return {k: v for k, v in calls["manifest"]["fingerprint"].items() if k != "data"}
 
@@ -120,7 +121,7 @@ def test_scratch_off_gives_identical_arrays_and_is_not_fingerprinted(tmp_path, t
 def test_negative_cap_is_one_config_error(tmp_path):
     from typer.testing import CliRunner
 
-    from mcad_cache.cli.app import app
+    from mcad_cache.cli.main import app
 
     result = CliRunner().invoke(app, ["build", "--data", str(tmp_path / "x.tar"), "--out", str(tmp_path / "c"),
                                       "--token-scratch-gib", "-1"])  # fmt: skip

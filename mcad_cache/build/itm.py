@@ -14,10 +14,10 @@ pass 3a scores a unit from them instead of decoding its images and running the t
 4,800 ALBEF-base images at 577 x 768 float32 tokens, 1.77 MB each, fp32 so that reuse gives bit-identical ITM logits);
 the units that do not fit are recomputed as before. A cap of 0 turns the scratch off (:func:`token_scratch_for`):
 pass 3a then runs the image tower again, as before issue 11. The cap is not in the fingerprint (the arrays are the
-same with any cap), so a resumed build may use another one. It is **resume-safe**: pass 1 clears a unit's token files before
-writing them again, pass 3a uses a unit's tokens only when every batch slot of the unit has its file (otherwise it
-recomputes the unit), and deletes them once the unit is committed; the whole scratch folder is deleted when the
-cache is complete.
+same with any cap), so a resumed build may use another one. It is **resume-safe**: pass 1 clears a unit's token
+files before writing them again, pass 3a uses a unit's tokens only when every batch slot of the unit has its file
+(otherwise it recomputes the unit), and deletes them once the unit is committed; the whole scratch folder is deleted
+when the cache is complete.
 """
 
 from __future__ import annotations
