@@ -1,4 +1,10 @@
-"""Shared pytest fixtures. Each owner adds fixtures only; keep them tiny (CPU, seconds)."""
+"""Shared pytest fixtures. Each owner adds fixtures only; keep them tiny (CPU, seconds).
+
+Parallel runs (``pytest -n N --dist loadgroup``, as scripts/test.sh runs them): every test module is one unit of
+work that one xdist worker runs whole (its module-scoped fixtures are built once), modules marked with the same
+``xdist_group`` run on one worker one after the other, and the units in ``FIRST_GROUPS`` start first, so that the
+longest ones do not end a run alone. Tests must not share fixed paths or ports, nor depend on the order of modules.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,28 @@ import string
 from pathlib import Path
 
 import pytest
+
+# Longest units of work, longest first (CPU seconds measured with pytest -n 2 on 2 cores); the rest keep their order.
+FIRST_GROUPS = ()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under xdist's ``loadgroup``: give every test without an ``xdist_group`` mark its module as group, and move the
+    groups of ``FIRST_GROUPS`` to the front (runs before xdist turns the marks into node-id suffixes)."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+
+    def group(item) -> str:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+            mark = item.get_closest_marker("xdist_group")
+        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
+    rank = {name: i for i, name in enumerate(FIRST_GROUPS)}
+    items[:] = sorted(items, key=lambda item: rank.get(group(item), len(rank)))  # stable: keeps the order within
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Teachers (owner: teachers engineer). Tiny, offline, deterministic.
@@ -79,6 +107,15 @@ def tiny_albef_teacher(tiny_bert_tokenizer_dir):
     from mcad_cache.teachers import create_teacher
 
     return create_teacher("albef", model="tiny", tokenizer=str(tiny_bert_tokenizer_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ddp_world(tmp_path_factory) -> dict[str, Path]:
+    """The distillation-on-several-ranks world (tests/ddp_world.py): ``shards`` (2 x 4 samples), ``cache`` (fake
+    teacher, k 3) and ``student`` (a JSON student without batch-coupled layers). Read-only for the tests."""
+    from ddp_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("ddp_world"))
 
 
 @pytest.fixture(autouse=True)

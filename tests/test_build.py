@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +31,6 @@ from mcad_cache.errors import (
 )
 from mcad_cache.pipelines.build_cache import run
 
-TESTS = Path(__file__).resolve().parent
-# Subprocess builds: one intra-op thread (tiny models; on a busy shared machine OpenMP threads spin against each other).
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CAPTION_COUNTS = [3, 1, 2]  # repeated: images with 3, 1 and 2 captions
 
 
@@ -269,58 +264,54 @@ def test_lock_refuses_a_second_writer(shards, tmp_path):
     assert not (tmp_path / "c.zarr.lock").exists()
 
 
-RANK = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, {tests!r})
-    import fake_teacher  # registers "fake"
-    from mcad_cache.config import BuildConfig
-    from mcad_cache.pipelines.build_cache import run
-
-    print(run(BuildConfig(**{config!r}, rank=int(sys.argv[1]), world_size=int(sys.argv[2]))).status)
-    """
-)
+@pytest.fixture(scope="module")
+def preloaded() -> multiprocessing.context.ForkServerContext:
+    """Processes for builds that run beside or after each other: forked from one server process that has imported
+    the library and the fake teacher once (a fresh interpreter per process imports torch and the library again,
+    seconds each); each process is still its own, with its own locks, and dies alone."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["fake_teacher", "test_build"])  # ignored when the server already runs: then slower
+    return ctx
 
 
-def test_two_ranks_equal_one_process(shards, tmp_path):
+def _fields(cfg: BuildConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
+
+
+def _build_rank(fields: dict, status_file: str) -> None:
+    """One rank's build (a ``preloaded`` process); writes its status to ``status_file``."""
+    torch.set_num_threads(1)
+    Path(status_file).write_text(run(BuildConfig(**fields)).status)
+
+
+def test_two_ranks_equal_one_process(shards, tmp_path, preloaded):
     shard_dir, _ = shards
     kw = {"model": "single", "fused_dtype": "fp16"}
     run(_config(shard_dir, tmp_path / "one.zarr", **kw))
     cfg = _config(shard_dir, tmp_path / "two.zarr", **kw)
-    script = tmp_path / "rank.py"
-    fields = {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k not in ("rank", "world_size")
-    }
-    script.write_text(RANK.format(tests=str(TESTS), config=fields))
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=SUBPROCESS_ENV,
-        )
+        preloaded.Process(target=_build_rank, args=({**_fields(cfg), "rank": r, "world_size": 2}, tmp_path / str(r)))
         for r in (1, 0)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert outs[0][0].split()[-1] == "rank-done" and outs[1][0].split()[-1] == "built"
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (tmp_path / "1").read_text() == "rank-done" and (tmp_path / "0").read_text() == "built"
     a, b = _all_arrays(tmp_path / "one.zarr"), _all_arrays(tmp_path / "two.zarr")
     for name in a:
         assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
     assert check_cache(open_cache(tmp_path / "two.zarr")) == []
 
 
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    import fake_teacher  # registers "fake"
-    from mcad_cache.config import BuildConfig
+def _build_until_killed(fields: dict, kill_after: int, mode: str) -> None:
+    """The build of ``fields`` in a ``preloaded`` process that SIGKILLs itself: in ``"progress"`` mode after
+    ``kill_after`` progress items of passes 1-3 (between two items), in ``"marker"`` mode after ``kill_after`` units'
+    data are written but before the done marker of the next (the unit is then rewritten by the next run)."""
     from mcad_cache.cache.writer import CacheWriter
-    from mcad_cache.pipelines.build_cache import run
 
-    kill_after, mode = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
     seen = [0]
 
     def progress(iterable, description="", total=None):
@@ -334,42 +325,36 @@ KILLER = textwrap.dedent(
     mark_done = CacheWriter.mark_done
 
     def mark_done_or_die(self, stage, unit):
-        # "marker" mode: die after a unit's data is written but before its done marker
         if mode == "marker" and stage != "layout":
             seen[0] += 1
             if seen[0] > kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         mark_done(self, stage, unit)
 
-    CacheWriter.mark_done = mark_done_or_die
-    run(BuildConfig(**{config!r}), progress=progress)
-    """
-)
+    CacheWriter.mark_done = mark_done_or_die  # this process only
+    run(BuildConfig(**fields), progress=progress)
 
 
-def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(shards, tmp_path, preloaded):
     shard_dir, _ = shards
     kw = {"model": "single", "fused_dtype": "int8"}
     ref_cfg = _config(shard_dir, tmp_path / "ref.zarr", **kw)
     run(ref_cfg)
     cfg = _config(shard_dir, tmp_path / "killed.zarr", **kw)
-    script = tmp_path / "killer.py"
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
-    script.write_text(KILLER.format(tests=str(TESTS), config=fields))
     kills = 0
     for attempt in range(12):
         # each run commits some units of passes 1-3, then dies: between two progress items, or between a unit's data
         # and its done marker (the unit is then rewritten by the next run)
-        args = ["8", "progress"] if attempt % 2 == 0 else ["5", "marker"]
-        proc = subprocess.run(
-            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV
-        )
-        if proc.returncode == 0:
+        args = (8, "progress") if attempt % 2 == 0 else (5, "marker")
+        proc = preloaded.Process(target=_build_until_killed, args=(_fields(cfg), *args))
+        proc.start()
+        proc.join(timeout=300)
+        if proc.exitcode == 0:
             break
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert proc.exitcode == -signal.SIGKILL, proc.exitcode
         kills += 1
         assert not open_cache(tmp_path / "killed.zarr").complete
-    assert kills >= 3 and proc.returncode == 0
+    assert kills >= 3 and proc.exitcode == 0
     ref, got = _all_arrays(tmp_path / "ref.zarr"), _all_arrays(tmp_path / "killed.zarr")
     assert sorted(ref) == sorted(got)
     for name in ref:

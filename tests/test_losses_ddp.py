@@ -1,15 +1,13 @@
 """MCADLoss(gather=True) on two CPU ranks (gloo) equals the single-process loss on the whole batch; so does the
-distill factory's DDP step (``distill.ddp``), gradient by gradient."""
+distill factory's DDP step (``distill.ddp``), gradient by gradient. One spawn of the 2 ranks serves every test."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,6 +16,7 @@ from mcad_cache.distill import create_distill, total_loss
 from mcad_cache.losses import MCADLoss, StudentOutputs, TeacherTargets, preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_world import B  # noqa: E402
 
 N, D, DC = 6, 5, 4
 
@@ -46,9 +45,12 @@ def _loss_and_grads(img: torch.Tensor, txt: torch.Tensor, v: torch.Tensor, t: to
     return {k: float(x.detach()) for k, x in out.items()}, img.grad, log_scale.grad, head
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_worker(rank: int, world: int, init_file: str, configs: dict[str, dict], out: str) -> None:
+    """One rank of the module's one 2-rank gloo group (``torch.multiprocessing.spawn``): the gathered loss on its
+    slice of ``_data`` (``loss-rank<r>.pt``: loss terms, the image gradient and the DDP-style averaged gradients of
+    the shared parameters), then one factory DDP step per config (``<name>/rank<r>.pt``, ``_step``)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         img, txt, (v, t) = _data()
         part = slice(rank * N // world, (rank + 1) * N // world)
@@ -57,29 +59,35 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         for g in (g_scale, g_head):
             dist.all_reduce(g)
             g /= world
-        # Plain lists: tensors in a Queue live in shared memory that vanishes when this process exits.
-        queue.put((rank, losses, (g_img / world).tolist(), g_scale.tolist(), g_head.tolist()))
+        torch.save({"losses": losses, "grads": (g_img / world, g_scale, g_head)}, f"{out}/loss-rank{rank}.pt")
+        for name, config in configs.items():
+            _step(rank, world, config, f"{out}/{name}")
     finally:
         dist.destroy_process_group()
 
 
-def test_gathered_loss_matches_single_process():
+@pytest.fixture(scope="module")
+def two_ranks(ddp_world, tmp_path_factory) -> Path:
+    """One spawn of 2 gloo ranks for every comparison of this module (each process start costs seconds): the
+    gathered loss, then the factory's DDP step with global (``global/``) and per-rank (``rank/``) in-batch terms,
+    2 ranks x batch B each."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    configs = {
+        "global": _distill_config(ddp_world, root / "run-global", batch_size=B),
+        "rank": _distill_config(ddp_world, root / "run-rank", batch_size=B, in_batch="rank"),
+    }
+    for name in configs:
+        (root / name).mkdir()
+    mp.spawn(_rank_worker, args=(2, str(root / "init"), configs, str(root)), nprocs=2, join=True)
+    return root
+
+
+def test_gathered_loss_matches_single_process(two_ranks):
     img, txt, (v, t) = _data()
     ref, ref_g_img, ref_g_scale, ref_g_head = _loss_and_grads(img, txt, v, t, gather=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, losses, *grads in results:
-        g_img, g_scale, g_head = (torch.tensor(x) for x in grads)
+    results = [torch.load(two_ranks / f"loss-rank{r}.pt") for r in range(2)]
+    for rank, result in enumerate(results):
+        losses, (g_img, g_scale, g_head) = result["losses"], result["grads"]
         # In-batch terms are global on every rank; the feature term is local (its rank mean is the global mean).
         for key in ("itc_loss", "kd_i2t_loss", "kd_t2i_loss"):
             assert abs(losses[key] - ref[key]) < 1e-5, (rank, key)
@@ -88,75 +96,48 @@ def test_gathered_loss_matches_single_process():
         torch.testing.assert_close(g_img, ref_g_img[part], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g_scale, ref_g_scale, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g_head, ref_g_head, rtol=1e-4, atol=1e-6)
-    feat_mean = sum(r[1]["feat_loss"] for r in results) / 2
+    feat_mean = sum(r["losses"]["feat_loss"] for r in results) / 2
     assert abs(feat_mean - ref["feat_loss"]) < 1e-5
 
 
-def _step_worker(rank: int, world: int, init_file: str, config: dict, out: str) -> None:
-    """One rank of the factory's DDP step (``DistillRun.trained_module``): one forward / backward on its first
-    batch; saves the loss terms and every parameter's gradient after DDP's all-reduce."""
+def _distill_config(world: dict[str, Path], out: Path, **extra) -> dict:
+    return {
+        "cache": [str(world["cache"])], "data": [str(world["shards"])], "out": str(out),
+        "student": str(world["student"]), "preset": "clip-kd-feat", "k": 3, "steps": 1, "workers": 0,
+        "device": "cpu", "shuffle_buffer": 0, "threads": 1, **extra,
+    }  # fmt: skip
+
+
+def _step(rank: int, world: int, config: dict, out: str) -> None:
+    """The factory's DDP step (``DistillRun.trained_module``) on one rank (in a process group when world > 1): one
+    forward / backward on its first batch; saves the loss terms and every parameter's gradient after DDP's
+    all-reduce to ``<out>/rank<r>.pt``."""
     from mcad_cache.config import DistillConfig
 
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        d = create_distill(DistillConfig(**config), rank=rank, world_size=world)
-        module, loss_module, forward = d.trained_module()
-        batch, _, _ = d.prepare(next(iter(d.stream(0))), 0)
-        losses = forward(module, loss_module, batch)
-        total_loss(losses).backward()
-        named = (
-            module.module.named_parameters()
-            if world > 1
-            else [*((f"model.{n}", p) for n, p in d.model.named_parameters()),
-                  *((f"loss_module.{n}", p) for n, p in d.loss_module.named_parameters())]
-        )  # fmt: skip
-        grads = {n: p.grad.detach().double().clone() for n, p in named if p.grad is not None}
-        torch.save(
-            {"losses": {k: float(v.detach()) for k, v in losses.items()}, "grads": grads}, f"{out}/rank{rank}.pt"
-        )
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    d = create_distill(DistillConfig(**config), rank=rank, world_size=world)
+    module, loss_module, forward = d.trained_module()
+    batch, _, _ = d.prepare(next(iter(d.stream(0))), 0)
+    losses = forward(module, loss_module, batch)
+    total_loss(losses).backward()
+    named = (
+        module.module.named_parameters()
+        if world > 1
+        else [*((f"model.{n}", p) for n, p in d.model.named_parameters()),
+              *((f"loss_module.{n}", p) for n, p in d.loss_module.named_parameters())]
+    )  # fmt: skip
+    grads = {n: p.grad.detach().double().clone() for n, p in named if p.grad is not None}
+    torch.save({"losses": {k: float(v.detach()) for k, v in losses.items()}, "grads": grads}, f"{out}/rank{rank}.pt")
 
 
-def test_factory_ddp_step_gradients_equal_one_process_double_batch(tmp_path):
+def test_factory_ddp_step_gradients_equal_one_process_double_batch(ddp_world, two_ranks, tmp_path):
     """The distill wiring (``create_distill`` + ``distill.ddp``): 2 gloo ranks x batch 4 with global in-batch terms
     give the same loss terms and the same gradient for every parameter (student and loss module) as 1 process x
     batch 8 on the same samples; per-rank terms do not."""
     import fake_teacher  # noqa: F401  (registers "fake")
-    from test_torchrun_distill import STUDENT, B, write_shards
 
-    from mcad_cache.config import BuildConfig
-    from mcad_cache.pipelines.build_cache import run as build
-
-    write_shards(tmp_path / "shards")
-    build(
-        BuildConfig(
-            teacher="fake", data=(str(tmp_path / "shards"),), out=str(tmp_path / "clip.zarr"), k=3, batch_size=8,
-            workers=0, device="cpu",
-        )
-    )  # fmt: skip
-    (tmp_path / "student.json").write_text(json.dumps(STUDENT))
-    base = {
-        "cache": [str(tmp_path / "clip.zarr")], "data": [str(tmp_path / "shards")], "out": str(tmp_path / "run"),
-        "student": str(tmp_path / "student.json"), "preset": "clip-kd-feat", "k": 3, "steps": 1, "workers": 0,
-        "device": "cpu", "shuffle_buffer": 0, "threads": 1,
-    }  # fmt: skip
-    results = {}
-    for name, world, extra in (("one", 1, {"batch_size": 2 * B}), ("global", 2, {"batch_size": B}),
-                               ("rank", 2, {"batch_size": B, "in_batch": "rank"})):  # fmt: skip
-        out = tmp_path / name
-        out.mkdir()
-        args = (world, str(tmp_path / f"init-{name}"), {**base, **extra}, str(out))
-        if world == 1:
-            _step_worker(0, *args)
-        else:
-            mp.spawn(_step_worker, args=args, nprocs=world, join=True)
-        results[name] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    (one,) = results["one"]
-    ranks = results["global"]
+    _step(0, 1, _distill_config(ddp_world, tmp_path / "run-one", batch_size=2 * B), str(tmp_path))
+    one = torch.load(tmp_path / "rank0.pt")
+    ranks = [torch.load(two_ranks / "global" / f"rank{r}.pt") for r in range(2)]
     for key, value in one["losses"].items():
         # in-batch terms are global on every rank; the per-sample feature term (and so the sum) is per rank, and
         # its mean over the ranks is the global batch's
@@ -171,5 +152,5 @@ def test_factory_ddp_step_gradients_equal_one_process_double_batch(tmp_path):
         assert sorted(got["grads"]) == sorted(one["grads"])
         for name, grad in one["grads"].items():
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    per_rank = results["rank"][0]
+    per_rank = torch.load(two_ranks / "rank" / "rank0.pt")
     assert abs(per_rank["losses"]["itc_loss"] - one["losses"]["itc_loss"]) > 1e-3
