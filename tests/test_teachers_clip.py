@@ -71,8 +71,14 @@ def test_tiny_clip_seeded_init_is_reproducible(tiny_clip_teacher):
 
 
 def test_preprocess_cfg_reproduces_open_clip_preprocess(tiny_clip_teacher):
-    # Our transform from the teacher's preprocess_cfg equals open_clip's own preprocess for the same model.
-    _, _, oc_preprocess = open_clip.create_model_and_transforms(tiny_clip_teacher.architecture["open_clip_name"])
+    # Our transform from the teacher's preprocess_cfg equals open_clip's own preprocess for the same model; the tiny
+    # JSON's preprocess_cfg asks for squash (the tests' students squash too), which open_clip applies when forced.
+    assert (
+        tiny_clip_teacher.preprocess_cfg["resize_mode"] == "squash" and tiny_clip_teacher.preprocess_cfg["crop"] is None
+    )
+    _, _, oc_preprocess = open_clip.create_model_and_transforms(
+        tiny_clip_teacher.architecture["open_clip_name"], image_resize_mode="squash"
+    )
     assert tiny_clip_teacher.preprocess_cfg["image_size"] == 32
     ours = make_image_transform(tiny_clip_teacher.preprocess_cfg)
     for img in (_pil(53, 40), _pil(20, 70)):
