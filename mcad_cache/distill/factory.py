@@ -163,7 +163,8 @@ def resolve_k(config: DistillConfig, readers: list[Any]) -> DistillConfig:
 
 def check_batch_fits(num_samples: int, *, batch_size: int, world_size: int) -> None:
     """Refuse a batch (times the ranks) larger than the training data: partial batches are dropped, so no step
-    could run (``RuntimeError`` deep in the loop before; issue 13).
+    could run (``RuntimeError`` deep in the loop before; issue 13). ``num_samples``: the samples in the run's shards
+    (a sample that fails to decode is still counted: the loop then stops with its own error).
 
     Raises:
         ConfigError: one line naming ``--batch-size``, the sample count and the largest batch that fits.
@@ -282,9 +283,8 @@ def create_distill(
         seed=config.seed, shuffle_buffer=config.shuffle_buffer, report=report, rank=rank, world_size=world_size,
     )  # fmt: skip
     keys = index if index is not None else stream.keys
+    check_batch_fits(len(keys), batch_size=config.batch_size, world_size=world_size)  # before any cache or model
     clip, single = open_caches(config.cache, shards=shards, index=keys)
-    num_samples = int(clip.image_valid.sum()) if clip is not None else len(keys)
-    check_batch_fits(num_samples, batch_size=config.batch_size, world_size=world_size)  # before any model loads
     if loss_config.required_inputs()["teacher"] and clip is None:
         raise CacheSchemaError(f"preset {config.preset!r} needs a dual-stream (CLIP) cache: pass --cache")
     if loss_config.uses_single_stream and loss_config.w_topk_i2t + loss_config.w_topk_t2i > 0 and single is None:
@@ -328,10 +328,14 @@ def create_distill(
             config, model=model, reader=joiner.cand, shards=shards, transform=transform, policy=policy,
             tokenize=tokenize, workers=workers, world_size=world_size,
         )  # fmt: skip
+    num_samples = int(clip.image_valid.sum()) if clip is not None else len(keys)
     steps_per_epoch = num_samples // (config.batch_size * world_size)
     total_steps = config.steps if config.steps > 0 else config.epochs * steps_per_epoch
     if total_steps < 1:
-        raise ConfigError(f"no training step: --steps {config.steps} and --epochs {config.epochs}; set either >= 1")
+        raise ConfigError(
+            f"no training step: --steps {config.steps}, --epochs {config.epochs}, {steps_per_epoch} step(s) per epoch "
+            f"({num_samples} cached samples, batch {config.batch_size} x {world_size} rank(s)); set --steps >= 1"
+        )
     optimizer = create_optimizer([model, loss_module], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = create_warmup_cosine(
         optimizer, warmup_steps=min(config.warmup_steps, total_steps), total_steps=total_steps
