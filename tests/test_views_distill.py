@@ -34,11 +34,6 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("views_distill")
     pngs = write_view_shards(root / "shards", num_shards=2, per_shard=6)
     build(_config(root / "shards", root / "cache.zarr"))
-    # the open_clip tiny teacher crops (shortest side + centre crop): a tiny student with the same view
-    from mcad_cache.student import CONFIG_DIR
-
-    tiny = json.loads((CONFIG_DIR / "tiny.json").read_text())
-    (root / "student.json").write_text(json.dumps(tiny | {"resize_mode": "shortest"}))
     return root, pngs
 
 
@@ -84,8 +79,8 @@ def test_student_decode_applies_the_chosen_stored_view_for_any_worker_count(worl
 
 def _cfg(root, out, **kw) -> DistillConfig:
     base = dict(cache=(str(root / "cache.zarr"),), data=(str(root / "shards" / "*.tar"),), out=str(out),
-                student=str(root / "student.json"), preset="clip-kd", k=3, batch_size=4, steps=5, warmup_steps=1,
-                workers=0, shuffle_buffer=5, log_every=1, seed=0, checkpoint_every=2)  # fmt: skip
+                student="tiny", preset="clip-kd", k=3, batch_size=4, steps=5, warmup_steps=1, workers=0,
+                shuffle_buffer=5, log_every=1, seed=0, checkpoint_every=2)  # fmt: skip
     return DistillConfig(**{**base, **kw})
 
 
