@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -118,7 +119,8 @@ def _progress_lines(iterable: Iterable[T], description: str, total: int | None) 
 
 def user_error(err: Exception) -> typer.Exit:
     """Print ``err`` as a one-line message on stderr; return the exit (code 1) for the caller to raise."""
-    console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    # escape: a message may hold "[...]" (paths, gloo's "[/pytorch/.../pair.cc:561]") that rich would parse as markup
+    console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 

@@ -138,6 +138,20 @@ def test_call_pipeline_maps_only_mcad_errors():
     assert issubclass(OutputPathError, McadError)
 
 
+def test_user_error_prints_brackets_verbatim(capsys):
+    # A gloo error holds "[/__w/pytorch/.../pair.cc:561]": rich parsed it as a closing markup tag and raised
+    # MarkupError, so the user saw a traceback instead of the one line (found under torchrun).
+    message = "rank 0: Connection closed by peer [/__w/pytorch/third_party/gloo/pair.cc:561] [x]"
+
+    def gloo_failure():
+        raise ConfigError(message)
+
+    with pytest.raises(typer.Exit):
+        call_pipeline(gloo_failure)
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and err.startswith("error:")
+
+
 def test_cli_import_to_a_file_parent_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     ann = tmp_path / "c.jsonl"
