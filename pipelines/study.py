@@ -94,9 +94,8 @@ def study_context(config: StudyConfig) -> dict[str, Any]:
         shared.pop(name)  # plan and report choices, or settings that do not change the results
     if not config.frozen_towers:
         shared.pop("val")  # only the frozen path reads it
-    shards = {
-        name: [(p, Path(p).stat().st_size) for p in expand_shards(getattr(config, name))] for name in ("data", "test")
-    }
+    size = lambda p: Path(p).stat().st_size if Path(p).is_file() else None  # noqa: E731 (pipe:/URL shards: none)
+    shards = {name: [(p, size(p)) for p in expand_shards(getattr(config, name))] for name in ("data", "test")}
     paths = [*config.cache, config.targets] if config.targets else list(config.cache)
     caches = [(open_derived if is_derived(p) else open_cache)(p).fingerprint for p in paths]
     return {"settings": shared, "shards": shards, "caches": caches}

@@ -415,3 +415,16 @@ def test_study_pipeline_frozen_towers(tiny_study_data, tmp_path, monkeypatch):
     more = study.run(_study_config(tiny_study_data, tmp_path / "s", frozen_towers=True, seeds=3,
                                    val=tuple(tiny_study_data["test"])))  # fmt: skip
     assert sum(not r["reused"] for r in more["runs"]) == 3
+
+
+def test_study_context_takes_pipe_shards(tiny_study_data, tmp_path):
+    """A ``pipe:`` test shard (webdataset users' spec) is recorded as written; the context used to stat() every
+    shard path and crashed with FileNotFoundError (a traceback) on a stream spec."""
+    from mcad_cache.pipelines.study import study_context
+
+    test = tiny_study_data["test"]
+    cfg = _study_config(tiny_study_data, tmp_path, test=tuple(f"pipe:cat {p}" for p in test))
+    context = study_context(cfg)
+    assert context["shards"]["test"] == [(f"pipe:cat {p}", None) for p in test]
+    assert [s for s, _ in context["shards"]["data"]] == list(tiny_study_data["train"])
+    assert all(size and size > 0 for _, size in context["shards"]["data"])
