@@ -125,7 +125,7 @@ def test_negative_cap_is_one_config_error(tmp_path):
 
     result = CliRunner().invoke(app, ["build", "--data", str(tmp_path / "x.tar"), "--out", str(tmp_path / "c"),
                                       "--token-scratch-gib", "-1"])  # fmt: skip
-    assert result.exit_code != 0
+    assert result.exit_code == 1
     assert "--token-scratch-gib must be >= 0" in result.output
     assert "Traceback" not in result.output
 
