@@ -76,9 +76,7 @@ def eval_(
     pretrained: Annotated[str, typer.Option(metavar="WEIGHTS", help="teacher weights (tag, file or folder)")] = (
         E.pretrained
     ),
-    data: Annotated[
-        list[str], typer.Option("--data", "--test-data", metavar="SHARDS", help="test shards")
-    ] = None,
+    data: Annotated[list[str], typer.Option("--data", "--test-data", metavar="SHARDS", help="test shards")] = None,
     out: Annotated[
         str, typer.Option(metavar="FILE", help="results JSON (default: named by model, weights and data fingerprint)")
     ] = E.out,

@@ -92,7 +92,8 @@ def study(
     except json.JSONDecodeError as err:
         raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
     cfg = call_pipeline(
-        load_config, pipeline.StudyConfig, config, cache=cache or None, targets=targets, data=data or None, test=test or None,
+        load_config, pipeline.StudyConfig, config, cache=cache or None, targets=targets, data=data or None,
+        test=test or None,
         val=val or None, frozen_towers=frozen_towers, out=out, presets=presets or None, seeds=seeds, target=target,
         baseline=baseline, target_mde=target_mde,
         student=student, k=k, batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps,

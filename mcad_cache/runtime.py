@@ -52,7 +52,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"precision {precision!r} needs a CUDA device (autocast on CUDA only here), device is {device}")
+        raise ValueError(
+            f"precision {precision!r} needs a CUDA device (autocast on CUDA only here), device is {device}"
+        )
     return precision
 
 
