@@ -203,5 +203,3 @@ def batched(seq: Sequence, size: int):  # noqa: ANN201 - generator of slices
     """Consecutive slices of ``seq`` of length ``size`` (the last may be shorter)."""
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
-
-

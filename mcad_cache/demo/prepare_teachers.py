@@ -69,6 +69,7 @@ from mcad_cache.teachers import create_teacher
 
 _logger = logging.getLogger(__name__)
 
+
 def _resolve_run_config(config: TeachersConfig | None, **overrides: Any) -> TeachersConfig:
     config = config or TeachersConfig()
     root = overrides.pop("shards_root", None)

@@ -243,7 +243,13 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
 
     with stage(timings, cpu, "study"):
         scfg = study_config(
-            config, caches=list(caches.values()), data=cached, val=val, test=test, student=student, work=work,
+            config,
+            caches=list(caches.values()),
+            data=cached,
+            val=val,
+            test=test,
+            student=student,
+            work=work,
             targets=str(derived.path),
         )
         result = study.run(scfg, progress=progress)
