@@ -8,8 +8,20 @@ from typing import Annotated
 import typer
 
 from mcad_cache.cli.app import app, call_pipeline, console, progress, setup_logging, user_error
-from mcad_cache.cli.options import FORMAT_HELP, Format, print_json, render_rows
+from mcad_cache.cli.options import (
+    FORMAT_HELP,
+    PRECISION,
+    Format,
+    choice,
+    device_option,
+    explicit_flags,
+    print_json,
+    render_rows,
+)
 from mcad_cache.config import load_config
+from mcad_cache.pipelines.study import StudyConfig
+
+S = StudyConfig()  # defaults shown in --help; a --config file overrides them, typed flags override both
 
 ROW_COLUMNS = ("arm", "runs", "rsum_mean", "rsum_std", "delta", "ci_low", "ci_high", "wilcoxon_p", "holm_p", "mde")
 
@@ -38,6 +50,7 @@ def summary_rows(summary: dict) -> list[dict]:
 
 @app.command("study")
 def study(
+    ctx: typer.Context,
     cache: Annotated[
         list[str], typer.Option("--cache", help="teacher cache (repeat: one CLIP, one ALBEF/BLIP)")
     ] = None,
@@ -47,10 +60,10 @@ def study(
     data: Annotated[list[str], typer.Option("--data", help="training shards (paths, globs, brace patterns)")] = None,
     test: Annotated[list[str], typer.Option("--test", help="test shards every run is evaluated on")] = None,
     val: Annotated[list[str], typer.Option("--val", help="val shards (frozen towers: the val curve)")] = None,
-    out: Annotated[str, typer.Option(help="study folder (finished runs in it are reused)")] = None,
+    out: Annotated[str, typer.Option(help="study folder (finished runs in it are reused)")] = S.out,
     frozen_towers: Annotated[
         bool, typer.Option("--frozen-towers/--no-frozen-towers", help="towers run once per split; projections train")
-    ] = None,
+    ] = S.frozen_towers,
     presets: Annotated[
         list[str],
         typer.Option(
@@ -60,20 +73,20 @@ def study(
             "e.g. clip-kd@views=4, bank=clip-kd@w_topk_i2t=0.5,candidates=bank); default: the five core presets",
         ),
     ] = None,
-    seeds: Annotated[int, typer.Option(help="paired seeds 0..N-1; a rerun with more adds only the new runs")] = None,
-    target: Annotated[str, typer.Option(help="preset compared against every other one")] = None,
-    baseline: Annotated[str, typer.Option(help="no-teacher preset of the first headline line")] = None,
-    target_mde: Annotated[float, typer.Option(help="RSUM points to detect at 80 % power")] = None,
-    student: Annotated[str, typer.Option(help="student config name or JSON path")] = None,
-    k: Annotated[int, typer.Option("--k", help="top-k candidates used (<= the caches' k)")] = None,
-    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = None,
-    steps: Annotated[int, typer.Option(help="optimiser steps per run")] = None,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = None,
-    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on CUDA only)")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default)")] = None,
+    seeds: Annotated[int, typer.Option(help="paired seeds 0..N-1; a rerun with more adds only the new runs")] = S.seeds,
+    target: Annotated[str, typer.Option(help="preset compared against every other one")] = S.target,
+    baseline: Annotated[str, typer.Option(help="no-teacher preset of the first headline line")] = S.baseline,
+    target_mde: Annotated[float, typer.Option(help="RSUM points to detect at 80 % power")] = S.target_mde,
+    student: Annotated[str, typer.Option(help="student config name or JSON path")] = S.student,
+    k: Annotated[int, typer.Option("--k", help="top-k candidates used (<= the caches' k)")] = S.k,
+    batch_size: Annotated[int, typer.Option(help="image-caption pairs per step")] = S.batch_size,
+    steps: Annotated[int, typer.Option(help="optimiser steps per run")] = S.steps,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = S.lr,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = S.warmup_steps,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = S.workers,
+    device: Annotated[str, device_option("where the students train")] = S.device,
+    precision: Annotated[str, choice(PRECISION, "autocast precision (CUDA only; auto = bf16 there)")] = S.precision,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default)")] = S.threads,
     loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON for every preset")] = None,
     config: Annotated[str, typer.Option("--config", help="JSON with StudyConfig fields")] = None,
     fmt: Annotated[
@@ -91,14 +104,10 @@ def study(
         loss_overrides = json.loads(loss) if loss else None
     except json.JSONDecodeError as err:
         raise user_error(ValueError(f"--loss is not valid JSON ({err}); e.g. '{{\"w_feat\": 0.5}}'")) from err
-    cfg = call_pipeline(
-        load_config, pipeline.StudyConfig, config, cache=cache or None, targets=targets, data=data or None,
-        test=test or None,
-        val=val or None, frozen_towers=frozen_towers, out=out, presets=presets or None, seeds=seeds, target=target,
-        baseline=baseline, target_mde=target_mde,
-        student=student, k=k, batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps,
-        workers=workers, device=device, precision=precision, threads=threads, loss=loss_overrides,
-    )  # fmt: skip
+    flags = explicit_flags(ctx)
+    if loss_overrides is not None:
+        flags["loss"] = loss_overrides
+    cfg = call_pipeline(load_config, pipeline.StudyConfig, config, **flags)
     summary = call_pipeline(pipeline.run, cfg, progress=progress)
     for line in summary["headline"]:
         console.print(line, highlight=False, soft_wrap=True)

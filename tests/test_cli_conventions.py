@@ -39,6 +39,16 @@ def test_help_shows_defaults_and_choices():
     assert "<str>" not in RUNNER.invoke(app, ["eval", "--help"], env=WIDE).output
 
 
+def test_every_command_with_a_config_shows_its_defaults():
+    """study used to default every option to None (no default in --help) while the other commands showed theirs."""
+    from mcad_cache.pipelines.study import StudyConfig
+
+    out = " ".join(invoke("study", "--help").output.split())
+    for text in ("--seeds INTEGER paired", f"[default: {StudyConfig.seeds}]", f"[default: {StudyConfig.steps}]"):
+        assert text in out, text
+    assert "[auto|fp32|bf16|fp16]" in out
+
+
 @pytest.mark.parametrize(
     ("args", "allowed"),
     [
