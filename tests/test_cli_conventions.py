@@ -44,7 +44,7 @@ def test_every_command_with_a_config_shows_its_defaults():
     from mcad_cache.pipelines.study import StudyConfig
 
     out = " ".join(invoke("study", "--help").output.split())
-    for text in ("--seeds INTEGER paired", f"[default: {StudyConfig.seeds}]", f"[default: {StudyConfig.steps}]"):
+    for text in ("--seeds", f"[default: {StudyConfig.seeds}]", f"[default: {StudyConfig.steps}]"):
         assert text in out, text
     assert "[auto|fp32|bf16|fp16]" in out
 
