@@ -5,7 +5,6 @@ the same samples after one step (losses, gradient norm, weights), and per-rank t
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -15,82 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import webdataset as wds
-from PIL import Image
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from mcad_cache.cli.main import app
-from mcad_cache.config import BuildConfig
-from mcad_cache.pipelines.build_cache import run as build
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
-B = 4  # pairs per rank; the one-process run takes 2 * B
 
-# A student without batch-coupled layers (no BatchNorm, no dropout): one ViT block at 32 px, a 1-layer BERT. Then a
-# sample's embedding does not depend on the other samples of its batch, so the comparison tests the loss wiring.
-STUDENT = {
-    "image_model": "vit_tiny_patch16_224",
-    "image_model_kwargs": {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 32, "num_heads": 2},
-    "image_size": 32,
-    "resize_mode": "squash",
-    "text_config": {
-        "model_type": "bert",
-        "vocab_size": 30522,
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-    },  # fmt: skip
-    "text_pool": "cls",
-    "context_length": 16,
-    "embed_dim": 16,
-}
-WORDS = "red blue green dog cat car tree man".split()
-
-
-def write_shards(folder: Path) -> None:
-    """Two shards of B samples with one caption each (no random caption choice); sample 1 (shard 0, rank 0) and
-    sample 5 (shard 1, rank 1) share a caption: a positive pair only when the in-batch terms span both ranks."""
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    for s in range(2):
-        with wds.TarWriter(str(folder / f"train-{s}.tar"), encoder=False, mtime=0) as tw:
-            for i in range(s * B, (s + 1) * B):
-                arr = (torch.rand(24, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, "PNG")
-                caption = "a red dog on the grass" if i in (1, 5) else f"a {WORDS[i]} {WORDS[(3 * i + 1) % 8]} {i}"
-                tw.write({"__key__": f"k{i:03d}", "png": buf.getvalue(), "json": json.dumps([caption]).encode()})
+from ddp_world import B  # noqa: E402  (pairs per rank; the one-process run takes 2 * B)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    import fake_teacher  # noqa: F401  (registers "fake")
-
+def setup(ddp_world, tmp_path_factory) -> dict[str, Path]:
+    """The session's ddp world (tests/ddp_world.py: shards, fake-teacher cache, student) and a folder for the runs."""
     root = tmp_path_factory.mktemp("ddp")
-    write_shards(root / "shards")
-    build(
-        BuildConfig(
-            teacher="fake", data=(str(root / "shards"),), out=str(root / "clip.zarr"), k=3, batch_size=8, workers=0,
-            device="cpu",
-        )
-    )  # fmt: skip
-    (root / "student.json").write_text(json.dumps(STUDENT))
     (root / "cli.py").write_text("from mcad_cache.cli.main import app\n\napp()\n")
-    return {"root": root}
+    return {"root": root, **ddp_world}
 
 
-def distill_args(root: Path, out: Path, *, batch_size: int) -> list[str]:
+def distill_args(world: dict[str, Path], out: Path, *, batch_size: int) -> list[str]:
     return [
-        "distill", "--cache", str(root / "clip.zarr"), "--data", str(root / "shards"), "--out", str(out),
-        "--student", str(root / "student.json"), "--preset", "clip-kd-feat", "--k", "3", "--batch-size",
+        "distill", "--cache", str(world["cache"]), "--data", str(world["shards"]), "--out", str(out),
+        "--student", str(world["student"]), "--preset", "clip-kd-feat", "--k", "3", "--batch-size",
         str(batch_size), "--steps", "1", "--lr", "1e-3", "--warmup-steps", "0", "--grad-clip", "0", "--workers", "0",
         "--device", "cpu", "--shuffle-buffer", "0", "--log-every", "1", "--threads", "1",
     ]  # fmt: skip
@@ -114,11 +61,11 @@ def weights(run: Path) -> dict[str, np.ndarray]:
 
 def test_two_ranks_global_batch_equal_one_process_double_batch(setup):
     root = setup["root"]
-    res = CliRunner().invoke(app, distill_args(root, root / "one", batch_size=2 * B))
+    res = CliRunner().invoke(app, distill_args(setup, root / "one", batch_size=2 * B))
     assert res.exit_code == 0, res.output
     one = first_metrics(root / "one")
 
-    proc = torchrun(root, distill_args(root, root / "two", batch_size=B))
+    proc = torchrun(root, distill_args(setup, root / "two", batch_size=B))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]  # every rank exits 0 (issue 13 item 11)
     assert f"rank 1 of 2: 1 steps, {B} pairs seen (per rank: [{B}, {B}])" in proc.stdout
     summary = json.loads((root / "two" / "summary.json").read_text())
@@ -138,7 +85,7 @@ def test_two_ranks_global_batch_equal_one_process_double_batch(setup):
 
     # per-rank in-batch terms (the documented option) train on two B x B problems: another loss
     (root / "rank.json").write_text(json.dumps({"in_batch": "rank"}))
-    proc = torchrun(root, [*distill_args(root, root / "per-rank", batch_size=B), "--config", str(root / "rank.json")])
+    proc = torchrun(root, [*distill_args(setup, root / "per-rank", batch_size=B), "--config", str(root / "rank.json")])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     per_rank = first_metrics(root / "per-rank")
     assert abs(per_rank["itc_loss"] - one["itc_loss"]) > 1e-3
