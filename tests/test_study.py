@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from mcad_cache.errors import ConfigError, DataError
 from mcad_cache.metrics import METRIC_KEYS
 from mcad_cache.study import (
     RunSpec,
@@ -428,3 +429,34 @@ def test_study_context_takes_pipe_shards(tiny_study_data, tmp_path):
     assert context["shards"]["test"] == [(f"pipe:cat {p}", None) for p in test]
     assert [s for s, _ in context["shards"]["data"]] == list(tiny_study_data["train"])
     assert all(size and size > 0 for _, size in context["shards"]["data"])
+
+
+def test_parallel_jobs_give_the_serial_results(tiny_study_data, tmp_path):
+    """``jobs=2`` (spawned workers, tables loaded from disk in each) gives every run the serial run's metrics: runs
+    depend on their seed alone, whichever process runs them."""
+    from mcad_cache.pipelines import study
+
+    kw = dict(frozen_towers=True, val=tuple(tiny_study_data["test"]), threads=1)
+    serial = study.run(_study_config(tiny_study_data, tmp_path / "serial", **kw))
+    parallel = study.run(_study_config(tiny_study_data, tmp_path / "parallel", jobs=2, **kw))
+    assert [(r["preset"], r["seed"]) for r in parallel["runs"]] == [(r["preset"], r["seed"]) for r in serial["runs"]]
+    for a, b in zip(serial["runs"], parallel["runs"], strict=True):
+        assert b["metrics"] == pytest.approx(a["metrics"], abs=1e-6), (a["preset"], a["seed"])
+    with pytest.raises(ConfigError, match="--jobs must be >= 1"):
+        study.run(_study_config(tiny_study_data, tmp_path / "zero", jobs=0, **kw))
+
+
+def _fail_on_seed_one(spec: RunSpec) -> dict[str, float]:
+    if spec.seed == 1:
+        raise DataError("decode_error", shard="s.tar", key="k1")
+    return _fake_metrics(spec.preset, spec.seed)
+
+
+def test_parallel_worker_error_reaches_the_caller_whole(tmp_path):
+    """An error in a worker process is raised here with its fields (DataError pickles with shard and key); the runs
+    that finished stay recorded."""
+    with pytest.raises(DataError) as err:
+        run_study(StudyPlan(seeds=(0, 1)), _fail_on_seed_one, out=tmp_path, context={"x": 1}, jobs=2)
+    assert (err.value.reason, err.value.shard, err.value.key) == ("decode_error", "s.tar", "k1")
+    assert str(err.value) == "shard 's.tar', key 'k1': decode_error"
+    assert (tmp_path / "runs" / "contrastive" / "seed-0" / "result.json").is_file()

@@ -67,6 +67,8 @@ class DemoConfig:
     log_every: int = 25  # steps between metrics.jsonl lines; each line has the val RSUM (the val curve)
     workers: int = 2  # DataLoader worker processes
     seed: int = 0  # one seed for data split and teachers (students: the study's paired seeds)
+    jobs: int = 2  # processes at a time: the study's runs (`study --jobs`); > 1 also runs the teacher evals (step 6)
+    # in a background process beside steps 4, 5 and 7 (one process kept one of 2 cores busy: CPU s ~ wall s)
     threads: int = 1  # torch CPU threads of every step (0 = torch's default; 1 beside 2 decode workers: on 2 cores the
     # backbone measured 0.040 CPU-s per image at 1 thread, 0.058 at 2, under load; docs/demo.md)
     loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides for every preset

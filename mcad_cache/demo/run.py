@@ -26,10 +26,11 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,65 @@ def _eval(cfg: EvalConfig, progress: ProgressFn) -> dict[str, Any]:
     return evaluate.run(cfg, progress=progress)
 
 
+def eval_teachers(
+    cfgs: dict[str, EvalConfig], progress: ProgressFn = no_progress
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Evaluate both teachers on the test split (reused when ``eval/<name>.json`` has the same config); module level so
+    that it can run in a background process. Returns the results by teacher name and ``{"wall_s", "cpu_s"}`` (this
+    process's own CPU seconds and those of its finished decode workers).
+
+    Raises:
+        What ``pipelines.evaluate.run`` raises.
+    """
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    results = {name: _eval(cfg, progress) for name, cfg in cfgs.items()}
+    return results, {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0}
+
+
+class Background:
+    """``fn(*args)`` in a spawned process (safe with CUDA and torch's OpenMP pool) while this one goes on.
+
+    ``result()`` waits and returns its value or re-raises its error; ``cancel()`` terminates it (this process failed
+    first, so nothing waits on a process whose result nobody reads). ``fn``, ``args`` and the value must pickle.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_background_main, args=(send, fn, args), name="mcad-background")
+        self._proc.start()
+        send.close()
+
+    def result(self) -> Any:
+        """The value of ``fn(*args)``. Raises: its error; RuntimeError: the process died without an answer."""
+        try:
+            status, value = self._recv.recv()
+        except EOFError:
+            self._proc.join()
+            raise RuntimeError(f"the background process died (exit code {self._proc.exitcode})") from None
+        self._proc.join()
+        if status == "error":
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        """Terminate the process if it still runs."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join()
+
+
+def _background_main(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        answer: tuple[str, Any] = ("ok", fn(*args))
+    except Exception as err:  # noqa: BLE001 (handed to the parent, which raises it)
+        answer = ("error", err)
+    try:
+        send.send(answer)
+    except Exception as err:  # noqa: BLE001 (an error that does not pickle: its text, once)
+        send.send(("error", RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} ({err})")))
+
+
 def study_config(config: DemoConfig, *, caches: list[str], data: list[str], val: list[str], test: list[str],
                  student: str, work: Path, targets: str = "") -> study.StudyConfig:  # fmt: skip
     """The demo's study: every choice from ``DemoConfig`` (docs/demo.md), frozen towers, in ``work/study/<sha>``
@@ -164,7 +224,7 @@ def study_config(config: DemoConfig, *, caches: list[str], data: list[str], val:
         presets=tuple(config.presets), seeds=config.seeds, target=config.target, baseline="contrastive",
         student=student, k=config.distill_k, batch_size=config.batch_size, steps=config.steps, lr=config.lr,
         warmup_steps=config.warmup_steps, loss=dict(config.loss), eval_batch_size=config.build_batch_size,
-        workers=config.workers, threads=config.threads, log_every=config.log_every, targets=targets,
+        workers=config.workers, threads=config.threads, log_every=config.log_every, targets=targets, jobs=config.jobs,
     )  # fmt: skip
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ("seeds", "presets", "out")}
     return dataclasses.replace(cfg, out=str(work / "study" / json_sha256(settings)[:12]))
@@ -203,57 +263,79 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
         )
         student = demo_student(config, work, teachers=teachers_cfg)
 
-    cached = cache_shards(train, train_images=config.train_images, samples_per_shard=config.samples_per_shard)
-    caches: dict[str, str] = {}
-    for name in ("clip", "albef"):
-        spec = teachers[name]
-        out = work / "caches" / f"{name}.zarr"
-        with stage(timings, cpu, f"build_{name}"):
-            result = build_cache.run(
-                BuildConfig(
-                    teacher=name, data=tuple(cached), out=str(out), model=spec["model"],
-                    pretrained=spec["pretrained"], k=config.k, batch_size=config.build_batch_size,
-                    workers=config.workers, fused_dtype=config.fused_dtype, threads=config.threads,
+    eval_cfgs = {
+        name: EvalConfig(
+            teacher=name,
+            model=teachers[name]["model"],
+            pretrained=teachers[name]["pretrained"],
+            data=tuple(test),
+            out=str(work / "eval" / f"{name}.json"),
+            batch_size=config.build_batch_size,
+            workers=config.workers,
+            k_test=config.k_test,
+            itm_score="itm",
+            threads=config.threads,
+        )  # fmt: skip
+        for name in ("clip", "albef")
+    }
+    background = Background(eval_teachers, eval_cfgs) if config.jobs > 1 else None
+    if background is not None:
+        _logger.info("step 6: teacher evals on the test split run in a background process beside steps 4, 5 and 7")
+    try:  # steps 4, 5 and 7 (step 6 may run beside them)
+        cached = cache_shards(train, train_images=config.train_images, samples_per_shard=config.samples_per_shard)
+        caches: dict[str, str] = {}
+        for name in ("clip", "albef"):
+            spec = teachers[name]
+            out = work / "caches" / f"{name}.zarr"
+            with stage(timings, cpu, f"build_{name}"):
+                result = build_cache.run(
+                    BuildConfig(
+                        teacher=name, data=tuple(cached), out=str(out), model=spec["model"],
+                        pretrained=spec["pretrained"], k=config.k, batch_size=config.build_batch_size,
+                        workers=config.workers, fused_dtype=config.fused_dtype, threads=config.threads,
+                    ),
+                    progress=progress,
+                )  # fmt: skip
+            _logger.info("step 4: %s cache %s (%s)", name, out, result.status)
+            caches[name] = str(out)
+
+        with stage(timings, cpu, "integrate"):
+            derived = integrate.run(
+                IntegrateConfig(
+                    cache=(caches["clip"], caches["albef"]), out=str(work / "caches" / "targets.zarr"),
+                    integration=config.integration, steps=config.integrate_steps, seed=config.seed,
+                    threads=config.threads, overwrite=True,
                 ),
                 progress=progress,
             )  # fmt: skip
-        _logger.info("step 4: %s cache %s (%s)", name, out, result.status)
-        caches[name] = str(out)
+        _logger.info("step 5: derived targets %s (%s)", derived.path, derived.status)
 
-    with stage(timings, cpu, "integrate"):
-        derived = integrate.run(
-            IntegrateConfig(
-                cache=(caches["clip"], caches["albef"]), out=str(work / "caches" / "targets.zarr"),
-                integration=config.integration, steps=config.integrate_steps, seed=config.seed,
-                threads=config.threads, overwrite=True,
-            ),
-            progress=progress,
-        )  # fmt: skip
-    _logger.info("step 5: derived targets %s (%s)", derived.path, derived.status)
+        with stage(timings, cpu, "study"):
+            scfg = study_config(
+                config,
+                caches=list(caches.values()),
+                data=cached,
+                val=val,
+                test=test,
+                student=student,
+                work=work,
+                targets=str(derived.path),
+            )
+            result = study.run(scfg, progress=progress)
+        timings["study_runs_wall_s"] = sum(r["wall_s"] for r in result["runs"])
+    except BaseException:
+        if background is not None:
+            background.cancel()
+        raise
 
-    teachers_test: dict[str, dict[str, Any]] = {}
-    with stage(timings, cpu, "eval_teachers"):
-        for name in ("clip", "albef"):
-            cfg = EvalConfig(
-                teacher=name, model=teachers[name]["model"], pretrained=teachers[name]["pretrained"],
-                data=tuple(test), out=str(work / "eval" / f"{name}.json"), batch_size=config.build_batch_size,
-                workers=config.workers, k_test=config.k_test, itm_score="itm", threads=config.threads,
-            )  # fmt: skip
-            teachers_test[name] = _eval(cfg, progress)
-
-    with stage(timings, cpu, "study"):
-        scfg = study_config(
-            config,
-            caches=list(caches.values()),
-            data=cached,
-            val=val,
-            test=test,
-            student=student,
-            work=work,
-            targets=str(derived.path),
-        )
-        result = study.run(scfg, progress=progress)
-    timings["study_runs_wall_s"] = sum(r["wall_s"] for r in result["runs"])
+    t0 = time.perf_counter()
+    if background is None:
+        teachers_test, used = eval_teachers(eval_cfgs, progress=progress)
+    else:
+        teachers_test, used = background.result()  # its errors surface here, after the study
+        _logger.info("step 6: background teacher evals joined (waited %.0f s)", time.perf_counter() - t0)
+    timings["eval_teachers_s"], cpu["eval_teachers_s"] = used["wall_s"], used["cpu_s"]
+    timings["eval_teachers_wait_s"] = time.perf_counter() - t0
 
     t0, c0 = time.perf_counter(), cpu_seconds()
     example = Path(scfg.out) / "runs" / config.target / "seed-0" / "metrics.jsonl"

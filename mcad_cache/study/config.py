@@ -39,7 +39,8 @@ class StudyConfig:
     workers: int = 2  # DataLoader worker processes
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    threads: int = 0  # torch intra-op CPU threads (0 = torch's default)
+    threads: int = 0  # torch intra-op CPU threads per run (0 = torch's default; with jobs > 1: cpus // jobs)
+    jobs: int = 1  # runs at a time, each in a spawned worker process when > 1 (same results as serial)
     log_every: int = 10  # steps between lines in each run's metrics.jsonl
 
     def caches_for(self, preset: str) -> tuple[str, ...]:

@@ -12,16 +12,23 @@ Bookkeeping (our choice, one JSON file per finished run, written atomically)::
 
 A run with a ``result.json`` is finished and reused; a rerun with more seeds runs only the new (preset, seed) pairs.
 A run without one (never started, or killed) is run again; the run function may resume inside its own folder.
-Runs go seed by seed, every preset within a seed, so an interrupted study still holds complete pairs.
+Runs go seed by seed, every preset within a seed, so an interrupted study still holds complete pairs (with
+``jobs > 1`` runs are started in that order and finish in any order: at most ``jobs - 1`` pairs are incomplete).
+
+``jobs > 1`` runs that many runs at a time in worker processes (``spawn``, safe with CUDA and OpenMP); the run
+function must then be picklable (a module-level function or a ``functools.partial`` of one). Runs are independent
+and each depends on its seed alone, so the results equal the serial ones (``tests/test_study.py`` checks it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +192,39 @@ def load_result(
     )
 
 
+def _timed_run(run_one: RunFn, spec: RunSpec, clock: Callable[[], float]) -> tuple[dict[str, Any], float]:
+    """``run_one(spec)`` and its wall seconds (module level: runs in a worker process when ``jobs > 1``)."""
+    t0 = clock()
+    returned = dict(run_one(spec))
+    return returned, clock() - t0
+
+
+def _outcomes(
+    todo: list[RunSpec], run_one: RunFn, *, jobs: int, clock: Callable[[], float]
+) -> Iterator[tuple[RunSpec, dict[str, Any], float]]:
+    """``(spec, returned, wall_s)`` of every run in ``todo``: in order in this process (``jobs <= 1``), else as they
+    finish in a pool of ``jobs`` spawned processes, started in ``todo`` order, at most ``jobs`` at a time. The first
+    failure cancels the runs not started yet and is raised."""
+    if jobs <= 1 or len(todo) <= 1:
+        for spec in todo:
+            yield (spec, *_timed_run(run_one, spec, clock))
+        return
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        queue = list(todo)
+        running: dict[Future, RunSpec] = {}
+        while queue or running:
+            while queue and len(running) < jobs:  # keep `jobs` runs going, in plan order
+                spec = queue.pop(0)
+                running[pool.submit(_timed_run, run_one, spec, clock)] = spec
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: todo.index(running[f])):
+                spec = running.pop(future)
+                yield (spec, *future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_study(
     plan: StudyPlan,
     run_one: RunFn,
@@ -194,6 +234,7 @@ def run_study(
     definitions: Mapping[str, Mapping[str, Any]] | None = None,
     progress: ProgressFn = no_progress,
     clock: Callable[[], float] = time.perf_counter,
+    jobs: int = 1,
 ) -> list[RunResult]:
     """Run every (preset, seed) of ``plan`` that has no finished record in ``out``; reuse the others.
 
@@ -201,34 +242,40 @@ def run_study(
         plan: presets x seeds.
         run_one: trains and evaluates one run; returns a mapping with at least the METRIC_KEYS (percent). Other
             JSON-able entries are kept in ``RunResult.extra``. It must derive init and batch order from the seed only.
+            Picklable when ``jobs > 1``.
         out: the study folder (created).
         context: what every run shares (see ``check_context``).
         definitions: optional arm name -> definition (``study.arms.Arm.definition``), recorded in each
             ``result.json`` and checked when a run is reused (a renamed arm never reuses another's runs).
         progress: the progress convention (``mcad_cache.progress``).
-        clock: seconds counter for the wall time of each run.
+        clock: seconds counter for the wall time of each run (picklable when ``jobs > 1``).
+        jobs: runs at a time; above 1 in spawned worker processes (module docstring).
     Returns:
         One ``RunResult`` per run, in ``plan.runs()`` order.
     Raises:
+        ConfigError: ``jobs < 1``.
         StudyMismatchError: ``out`` holds runs made with another context, or by another definition of an arm.
         ValueError: ``run_one`` returned no value for a metric key, or a non-finite one.
         Whatever ``run_one`` raises (the finished runs stay recorded; a rerun resumes after them).
     """
+    if jobs < 1:
+        raise ConfigError(f"study: --jobs must be >= 1, got {jobs}")
     sha = check_context(out, context)
-    results: list[RunResult] = []
-    todo = plan.runs()
-    for preset, seed in progress(todo, "study runs", len(todo)):
+    results: dict[tuple[str, int], RunResult] = {}
+    todo: list[RunSpec] = []
+    for preset, seed in plan.runs():
         definition = (definitions or {}).get(preset)
         done = load_result(out, preset, seed, context_sha256=sha, definition=definition)
         if done is not None:
             _logger.info("study: %s seed %d finished earlier (rsum %.1f), reused", preset, seed, done.metrics["rsum"])
-            results.append(done)
+            results[(preset, seed)] = done
             continue
         folder = run_dir(out, preset, seed)
         folder.mkdir(parents=True, exist_ok=True)
-        t0 = clock()
-        returned = dict(run_one(RunSpec(preset=preset, seed=seed, run_dir=folder)))
-        wall_s = clock() - t0
+        todo.append(RunSpec(preset=preset, seed=seed, run_dir=folder))
+    outcomes = _outcomes(todo, run_one, jobs=jobs, clock=clock)
+    for spec, returned, wall_s in progress(outcomes, "study runs", len(todo)):
+        preset, seed, definition = spec.preset, spec.seed, (definitions or {}).get(spec.preset)
         missing = [k for k in METRIC_KEYS if k not in returned]
         if missing:
             raise ValueError(f"study run {preset} seed {seed}: the run function returned no {missing}")
@@ -237,7 +284,7 @@ def run_study(
             raise ValueError(f"study run {preset} seed {seed}: non-finite metrics {metrics}")
         extra = to_jsonable({k: v for k, v in returned.items()})
         _write_json_atomic(
-            folder / RESULT_FILE,
+            spec.run_dir / RESULT_FILE,
             {
                 "preset": preset,
                 "seed": seed,
@@ -250,5 +297,5 @@ def run_study(
             },
         )
         _logger.info("study: %s seed %d rsum %.1f in %.1f s", preset, seed, metrics["rsum"], wall_s)
-        results.append(RunResult(preset=preset, seed=seed, metrics=metrics, wall_s=wall_s, extra=extra))
-    return results
+        results[(preset, seed)] = RunResult(preset=preset, seed=seed, metrics=metrics, wall_s=wall_s, extra=extra)
+    return [results[run] for run in plan.runs()]
