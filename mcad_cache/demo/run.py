@@ -43,11 +43,12 @@ from mcad_cache.demo.config import DemoConfig, TeachersConfig
 from mcad_cache.demo.convert import packaged_pretrained_overrides
 from mcad_cache.demo.report import RECALL_KEYS, chance_recall, plot_val_curve, premise_check, teachers_line
 from mcad_cache.demo.report import write_report as write_report
-from mcad_cache.errors import DataError
+from mcad_cache.errors import ConfigError, DataError
 from mcad_cache.hashing import json_sha256
 from mcad_cache.integrate.config import IntegrateConfig
 from mcad_cache.pipelines import build_cache, data_import, evaluate, integrate, study, verify
 from mcad_cache.progress import ProgressFn, no_progress
+from mcad_cache.runtime import init_spawned_logging, logging_levels
 from mcad_cache.student import CONFIG_DIR as STUDENT_CONFIG_DIR
 from mcad_cache.study.report import mde_sentence
 
@@ -180,7 +181,8 @@ class Background:
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_background_main, args=(send, fn, args), name="mcad-background")
+        args = (send, logging_levels(), fn, args)
+        self._proc = ctx.Process(target=_background_main, args=args, name="mcad-background")
         self._proc.start()
         send.close()
 
@@ -203,7 +205,8 @@ class Background:
         self._proc.join()
 
 
-def _background_main(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _background_main(send: Any, levels: dict[str, int], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    init_spawned_logging(levels, label="background")
     try:
         answer: tuple[str, Any] = ("ok", fn(*args))
     except Exception as err:  # noqa: BLE001 (handed to the parent, which raises it)
@@ -226,7 +229,8 @@ def study_config(config: DemoConfig, *, caches: list[str], data: list[str], val:
         warmup_steps=config.warmup_steps, loss=dict(config.loss), eval_batch_size=config.build_batch_size,
         workers=config.workers, threads=config.threads, log_every=config.log_every, targets=targets, jobs=config.jobs,
     )  # fmt: skip
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ("seeds", "presets", "out")}
+    same_results = ("seeds", "presets", "out", "jobs", "workers", "threads")  # more seeds or arms: only new runs
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in same_results}
     return dataclasses.replace(cfg, out=str(work / "study" / json_sha256(settings)[:12]))
 
 
@@ -234,8 +238,11 @@ def run(config: DemoConfig, *, progress: ProgressFn = no_progress) -> dict[str, 
     """Run the demo; returns the summary (also written to ``<work>/summary.json``) and writes ``report.md``.
 
     Raises:
-        DataSourceError: the openclipart packages cannot be fetched; any error of the steps it runs.
+        ConfigError: ``jobs < 1``; DataSourceError: the openclipart packages cannot be fetched; any error of the steps
+        it runs.
     """
+    if config.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (processes at a time), got {config.jobs}")
     t_start, c_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
     if config.threads > 0:
         torch.set_num_threads(config.threads)  # every step runs in this process (the teachers' passes included)

@@ -38,6 +38,7 @@ from mcad_cache.errors import ConfigError, McadError
 from mcad_cache.hashing import json_sha256
 from mcad_cache.metrics import METRIC_KEYS
 from mcad_cache.progress import ProgressFn, no_progress
+from mcad_cache.runtime import init_spawned_logging, logging_levels
 
 _logger = logging.getLogger(__name__)
 
@@ -209,7 +210,12 @@ def _outcomes(
         for spec in todo:
             yield (spec, *_timed_run(run_one, spec, clock))
         return
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(todo)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_spawned_logging,
+        initargs=(logging_levels(), "study worker"),
+    )
     try:
         queue = list(todo)
         running: dict[Future, RunSpec] = {}
