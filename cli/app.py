@@ -66,6 +66,8 @@ def setup_logging(verbose: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_debug() if verbose else hf_logging.set_verbosity_error()
+    if not verbose:  # its "Loading weights" bar, once per student created (50 times in a study)
+        hf_logging.disable_progress_bar()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",

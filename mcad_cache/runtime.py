@@ -129,8 +129,16 @@ def logging_levels() -> dict[str, int]:
 def init_spawned_logging(levels: dict[str, int], label: str = "worker") -> None:
     """In a spawned worker process (which starts with no logging set up): the parent's ``logging_levels()``, one
     stderr handler whose lines start with ``[label]``. The parent (the CLI) chose the levels, so a quiet parent gives
-    a quiet worker (e.g. transformers' load reports at ERROR)."""
+    a quiet worker (transformers' load reports and weight-loading bars included)."""
     logging.basicConfig(level=levels.get("", logging.WARNING), format=f"[{label}] %(levelname)s %(message)s")
     for name in LOGGERS_TO_SPAWN:
         if name in levels:
             logging.getLogger(name).setLevel(levels[name])
+    hf_level = levels.get("transformers", logging.NOTSET)
+    if hf_level != logging.NOTSET:  # transformers sets its own level when first imported: set it after that
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(hf_level)
+            if hf_level > logging.INFO:
+                hf_logging.disable_progress_bar()

@@ -180,3 +180,25 @@ def test_cli_demo_has_run_and_teachers_subcommands():
     assert runner.invoke(app, ["teachers", "--help"]).exit_code != 0  # the old top-level command is gone
     bad = runner.invoke(app, ["demo", "run", "--seeds", "1,x"])
     assert bad.exit_code == 2 and "--seeds" in bad.output
+
+
+def _transformers_state_in_spawned_worker(levels: dict[str, int]) -> tuple[int, bool]:
+    from transformers.utils import logging as hf_logging
+
+    from mcad_cache.runtime import init_spawned_logging
+
+    init_spawned_logging(levels, "test")
+    return hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+
+
+def test_spawned_worker_takes_the_parents_quiet_transformers_logging():
+    """A spawned worker starts with transformers at its own default (WARNING: a load report per student created);
+    the parent's ERROR level reaches it, and the weight-loading bars go with it (the old code set the level before
+    transformers' import reset it)."""
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    levels = {"": logging.WARNING, "mcad_cache": logging.INFO, "transformers": logging.ERROR}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_transformers_state_in_spawned_worker, levels).result() == (logging.ERROR, False)
