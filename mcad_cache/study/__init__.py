@@ -1,6 +1,8 @@
 """Powered, paired ablation studies: presets x seeds, resumable runs, paired statistics and the report (issue 12).
 
-- ``runner``: ``StudyPlan``, ``RunSpec``, ``run_study`` (finished runs reused, new seeds add only new runs).
+- ``runner``: ``StudyPlan``, ``RunSpec``, ``run_study`` (finished runs reused, new seeds add only new runs; ``jobs``
+  worker processes).
+- ``runs``: one run (``run_arm``): its ``DistillConfig``, training (image path or frozen-tower tables), test eval.
 - ``stats``: ``paired_delta`` (t-interval, Wilcoxon), ``holm``, ``minimal_detectable_delta``, ``pairs_needed``.
 - ``report``: ``summarise_study``, ``write_study`` (study.json, study.md, forest.png, paired.png).
 """
