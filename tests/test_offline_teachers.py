@@ -237,11 +237,13 @@ def test_albef_losses_train_the_fusion_layers():
     assert heads.text_encoder.encoder.layer[0].attention.self.query.weight.grad is None  # text layers not used
 
 
-def test_itm_logits_with_shared_image_keys_equal_the_row_wise_path():
-    """The training path (cross-attention keys/values once per unique image, gathered) gives the teacher's
-    row-wise fusion numbers (``AlbefTextEncoder.forward_fusion`` on repeated image tokens)."""
+@pytest.mark.parametrize("fusion_layers", [1, 2])
+def test_itm_logits_with_shared_image_keys_equal_the_row_wise_path(fusion_layers):
+    """The training path (cross-attention keys/values once per unique image, gathered; the last layer for [CLS]
+    only) gives the teacher's row-wise fusion numbers (``AlbefTextEncoder.forward_fusion`` on repeated image
+    tokens), with one fusion layer and with two."""
     torch.manual_seed(0)
-    heads = offline.AlbefHeads(_tiny_albef_cfg()).eval()
+    heads = offline.AlbefHeads(_tiny_albef_cfg(num_hidden_layers=2 + fusion_layers)).eval()
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 5, 1280, generator=g)
     texts = torch.randn(7, 6, 32, generator=g)
