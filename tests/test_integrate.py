@@ -7,21 +7,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from distill_fixtures import make_shards
 from integrate_world import write_world
 
 from mcad_cache.cache.schema import MANIFEST_ATTR
-from mcad_cache.config import DistillConfig
 from mcad_cache.distill.join import open_caches
 from mcad_cache.errors import CacheIncompleteError, CacheMismatchError, CacheSchemaError
 from mcad_cache.integrate import open_derived
 from mcad_cache.integrate.config import IntegrateConfig
 from mcad_cache.pipelines import build_cache
-from mcad_cache.pipelines import distill as distill_pipeline
 from mcad_cache.pipelines import integrate as pipeline
-from mcad_cache.student import DualEncoder
 
 
 @pytest.fixture(scope="module")
@@ -130,54 +126,26 @@ def test_stale_or_incomplete_parents_are_refused(world, modified, tmp_path):
         pipeline.run(_cfg(world, tmp_path / "y", cache=(world["clip"], world["clip"])))
 
 
-# only the top-k term trains the students: the comparison isolates the top-k targets
-TOPK_ONLY = {"w_itc": 0.0, "w_kd_i2t": 0.0, "w_kd_t2i": 0.0, "w_feat": 0.0, "w_topk_i2t": 1.0, "w_topk_t2i": 0.0}
+def test_derived_targets_rank_a_positive_first_more_often_than_clip_only(world, modified, tmp_path):
+    """The integration's point, on the targets themselves: among the cached i2t candidates, the modified-features
+    targets put a positive first for more image queries than the CLIP-only targets (``integration="none"``).
 
-
-def _positive_top1(run_dir, derived, shards) -> float:
-    """Fraction of image queries whose student top-1 among the cached candidates is a positive."""
-    from mcad_cache.data.transforms import make_image_transform
-    from mcad_cache.data.webdataset import iter_samples
-
-    model = DualEncoder.load(run_dir / "final").eval()
-    samples = {s.key: s for s in iter_samples(shards) if s.skip is None}
-    transform = make_image_transform(model.preprocess_cfg)
-    keys = [str(k) for k in derived.image_keys.tolist()]
-    with torch.no_grad():
-        img = model.encode_image(torch.stack([transform(samples[k].image) for k in keys]))
-        txt = model.encode_text(model.tokenize([str(c) for c in derived.captions.tolist()]))
-    top = derived.topk("i2t", np.arange(len(keys)))
-    scores = torch.einsum("bd,bkd->bk", img, txt[torch.from_numpy(np.maximum(top["idx"], 0)).long()]).numpy()
-    has = top["is_positive"].any(1)
-    best = np.argmax(np.where(top["valid"], scores, -np.inf), 1)
-    return float(top["is_positive"][np.arange(len(keys)), best][has].mean())
-
-
-def test_student_from_derived_targets_ranks_true_candidates_better(world, modified, tmp_path):
+    An earlier version asserted that a student trained 40 steps on 24 images from these targets ranks positives
+    first more often, on one seed (0.83 vs 0.54 on one machine, 0.67 vs 0.54 on another). Over seeds 0-2 it measured
+    0.67 / 0.42 / 0.46 against 0.54 / 0.58 / 0.46 (no gain), and the student's top-1 agreement with the derived
+    targets 0.50 / 0.29 / 0.38 against 0.33 / 0.33 / 0.29: at this size the student-level effect is within seed
+    noise, so it is measured by the demo's 10-seed study (docs/results.md), not asserted here."""
     control = pipeline.run(_cfg(world, tmp_path / "clip-only", integration="none"))
-    # The student view this result was measured with: shortest side + centre crop (the tiny student's view until it
-    # became squash, the test world's view). With squash the same test gave 0.54 (mcad) vs 0.58 (CLIP-only): at 40
-    # steps the comparison is fragile to the pixels; allowed and recorded as a view mismatch here (issue 10 item 5).
-    from mcad_cache.student import CONFIG_DIR
+    derived = open_derived(modified.path)
+    rows = np.arange(derived.num_images)
+    top, ctrl = derived.topk("i2t", rows), open_derived(control.path).topk("i2t", rows)
 
-    crop_student = tmp_path / "tiny_crop.json"
-    crop_student.write_text(
-        json.dumps(json.loads((CONFIG_DIR / "tiny.json").read_text()) | {"resize_mode": "shortest"})
-    )
-    scores = {}
-    for name, derived_path in (("mcad", modified.path), ("clip-only", control.path)):
-        run_dir = tmp_path / f"run-{name}"
-        distill_pipeline.run(
-            DistillConfig(
-                cache=(str(derived_path),), data=tuple(world["shards"]), out=str(run_dir), student=str(crop_student),
-                preset="mcad", k=4, batch_size=8, steps=40, lr=1e-2, warmup_steps=2, workers=0, shuffle_buffer=0,
-                device="cpu", seed=0, log_every=10, allow_view_mismatch=True,
-                loss=TOPK_ONLY,
-            )
-        )  # fmt: skip
-        scores[name] = _positive_top1(run_dir, open_derived(derived_path), world["shards"])
-    # same steps, seeds and data: only the top-k targets differ
-    assert scores["mcad"] >= scores["clip-only"] + 0.2, scores
+    def positive_first(t: dict[str, np.ndarray]) -> float:
+        best = np.argmax(np.where(t["valid"], t["logits"], -np.inf), 1)
+        has = t["is_positive"].any(1)
+        return float(t["is_positive"][rows, best][has].mean())
+
+    assert positive_first(top) > positive_first(ctrl) + 0.05, (positive_first(top), positive_first(ctrl))
 
 
 def test_cli_integrate_prints_diagnostics_and_maps_user_errors(world, tmp_path):
